@@ -1,0 +1,18 @@
+"""Errors a user can cause, each reported as one line and a non-zero exit by the CLI."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the user's input: the message says what is wrong and how to fix it."""
+
+    exit_code = 2
+
+
+class DataError(UserError):
+    """Training or evaluation data that cannot be used (a shard that cannot be opened, a
+    folder in neither supported layout)."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint directory that is missing, incomplete or not written by this engine."""

@@ -1,0 +1,75 @@
+"""The command line: help works, bad configs give one line on stderr and exit code 2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = "launch/configs/demo-cpu.yaml"
+
+
+def _cli(*args, env=None):
+    exe = Path(sys.executable).parent / "megatron-ibxl"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "megatron_ibxl.cli"]
+    return subprocess.run(
+        [*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+def test_help_lists_subcommands():
+    proc = _cli("--help")
+    assert proc.returncode == 0
+    for name in ("train", "eval", "plan", "make-demo-data", "train-tokenizer", "plot"):
+        assert name in proc.stdout
+
+
+def test_train_help():
+    proc = _cli("train", "--help")
+    assert proc.returncode == 0
+    assert "--dry-run" in proc.stdout and "--set" in proc.stdout
+
+
+def test_dry_run_prints_layout():
+    proc = _cli("train", "--config", DEMO, "--dry-run", "--world-size", "4")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["layout"]["dp"] == 2 and report["layout"]["accumulation"] == 2
+    # Rank 3 under tp=2: tensor parallel is fastest, so it is dp 1, tp 1.
+    assert report["ranks"][3] == {"rank": 3, "pp": 0, "dp": 1, "tp": 1}
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["parallel.tp=3"], "world size 4"),
+        (["parallel.tp=4", "model.vision.num_heads=2"], "model.vision.num_heads=2"),
+        (["data.global_batch=100"], "data.global_batch=100"),
+        (["parallel.tp=1", "parallel.sequence_parallel=true"], "parallel.sequence_parallel"),
+        (["model.vision.image_size=33"], "model.vision.image_size=33"),
+        (["model.text.num_heads=5"], "model.text.num_heads=5"),
+        (["parallel.bogus=1"], "parallel.bogus"),
+        (["parallel.tp=x"], "parallel.tp='x'"),
+    ],
+)
+def test_bad_config_exits_2(overrides, key):
+    args = ["train", "--config", DEMO, "--dry-run", "--world-size", "4"]
+    for item in overrides:
+        args += ["--set", item]
+    proc = _cli(*args)
+    assert proc.returncode == 2
+    assert key in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert all(
+        line.startswith("megatron-ibxl train: error: ") for line in proc.stderr.strip().splitlines()
+    )
+
+
+def test_unparsable_yaml_exits_2(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("parallel: {tp: 2\n")
+    proc = _cli("train", "--config", str(bad), "--dry-run")
+    assert proc.returncode == 2
+    assert "not valid YAML" in proc.stderr and "Traceback" not in proc.stderr
