@@ -50,10 +50,11 @@ class TextConfig:
     """A causal transformer text tower, pooled at the end-of-text token."""
 
     vocab_size: int = 50257
-    """Tokenizer vocabulary. The embedding is padded to a multiple of
-    `vocab_pad_multiple * parallel.tp`, as Megatron-LM does."""
+    """Tokenizer vocabulary. The embedding table is padded (see `vocab_pad_multiple`)."""
     vocab_pad_multiple: int = 128
-    """Padding multiple of the embedding table before it is multiplied by tp."""
+    """The embedding table is padded to a multiple of lcm(vocab_pad_multiple, parallel.tp),
+    so that its rows split evenly over the tensor-parallel ranks. For tp a power of two up to
+    this multiple the padded size does not depend on tp, so checkpoints reshard across tp."""
     context_length: int = 77
     """Tokens per caption, end-of-text included."""
     hidden: int = 5120
@@ -67,8 +68,8 @@ class TextConfig:
 
     def padded_vocab_size(self, tp: int) -> int:
         """Rows of the embedding table under tensor parallel size `tp`."""
-        multiple = self.vocab_pad_multiple * tp
-        return int(math.ceil(self.vocab_size / multiple) * multiple)
+        multiple = math.lcm(self.vocab_pad_multiple, tp)
+        return -(-self.vocab_size // multiple) * multiple
 
 
 @dataclass
