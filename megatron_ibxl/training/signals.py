@@ -1,0 +1,143 @@
+"""Stopping a run cleanly, and never hanging when a peer rank dies.
+
+Two mechanisms live here:
+
+- `StopSignal`: SIGTERM and SIGUSR1 (SLURM pre-emption, `#SBATCH --signal=USR1@300`, and
+  torchrun forwarding its own SIGTERM) only set a flag. The loop asks `should_stop()` at
+  every step boundary; the flag is all-reduced (MAX) over the whole world, so when any rank
+  was signalled every rank stops after the same step, writes the checkpoint and exits 0.
+- `Watchdog`: a daemon thread that ends the process with an error naming this rank when a
+  phase (a training step, an evaluation, a checkpoint write) runs past `parallel.timeout_s`.
+  Gloo and NCCL already time out a single collective after that many seconds; the watchdog
+  also catches a stall between collectives and a collective library that does not honour its
+  timeout, so a dead or hung peer can never leave the job silently waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""Signals that ask the run to checkpoint and exit 0."""
+
+EXIT_HUNG = 3
+"""Exit code of a process ended by the watchdog."""
+
+
+class StopSignal:
+    """A flag set by SIGTERM / SIGUSR1 and agreed on by every rank at step boundaries."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        """Route the stop signals to this flag (main thread only, as Python requires)."""
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def uninstall(self) -> None:
+        """Restore the handlers that were in place before `install`."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, _frame) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+            # Not through logging: a handler may interrupt a logging call holding its lock.
+            sys.stderr.write(f"received {self.received}; stopping after the current step\n")
+
+    def should_stop(self, device: torch.device) -> bool:
+        """True on every rank when any rank has received a stop signal.
+
+        One all-reduce of a single element over the default (world) group; collective, so
+        every rank must call it at the same step.
+        """
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # [1] -> [1], over the world
+        return bool(flag.item() > 0)
+
+
+class Watchdog:
+    """End the process, with an error naming the rank, when a phase outlives its budget.
+
+    Args:
+        rank_label: how this process is named in the error, e.g. `rank 3 (tp 1, dp 1)`.
+        timeout_s: the budget of one phase, normally `parallel.timeout_s`.
+        poll_s: how often the thread looks at the clock.
+    """
+
+    def __init__(self, rank_label: str, timeout_s: float, poll_s: float = 0.5) -> None:
+        self.rank_label = rank_label
+        self.timeout_s = timeout_s
+        self.poll_s = min(poll_s, max(timeout_s / 10, 0.05))
+        self._phase: str | None = None
+        self._deadline = float("inf")
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="ibxl-watchdog", daemon=True)
+
+    def start(self) -> Watchdog:
+        """Start the watching thread; returns self."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop watching (at the end of the run)."""
+        self._stopped.set()
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Watch the enclosed block under the label `name` (e.g. `train step 12`)."""
+        with self._lock:
+            self._phase, self._deadline = name, time.monotonic() + self.timeout_s
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._phase, self._deadline = None, float("inf")
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(self.poll_s):
+            with self._lock:
+                phase, late = self._phase, time.monotonic() > self._deadline
+            if late:
+                self._fire(phase)
+
+    def _fire(self, phase: str | None) -> None:
+        logger.error(
+            "%s: %s did not finish within parallel.timeout_s=%g s; a peer rank has probably "
+            "died or hung in a collective. Ending this process (exit %d); check the other "
+            "ranks' logs, then rerun to resume from the last complete checkpoint",
+            self.rank_label,
+            phase,
+            self.timeout_s,
+            EXIT_HUNG,
+        )
+        flush_logs()
+        os._exit(EXIT_HUNG)
+
+
+def flush_logs() -> None:
+    """Flush every logging handler and the standard streams (before `os._exit`)."""
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
