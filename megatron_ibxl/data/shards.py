@@ -33,6 +33,7 @@ from __future__ import annotations
 import io
 import itertools
 import logging
+import math
 import os
 import re
 import tarfile
@@ -183,14 +184,11 @@ def _scan_members(path: str) -> tuple[dict[str, dict[str, tuple[int, int]]], boo
     return samples, truncated
 
 
-def _image_problem(handle, offset: int, size: int, min_side: int, max_aspect: float) -> str:
-    """The skip reason for an image, or '' when it is usable."""
-    if size == 0:
-        return "corrupt_image"
-    handle.seek(offset)
-    head = handle.read(min(size, _HEADER_BYTES))
-    handle.seek(offset + size - min(size, 16))
-    tail = handle.read(min(size, 16))
+def check_image_bytes(
+    head: bytes, tail: bytes, min_side: int = 1, max_aspect: float = math.inf
+) -> str:
+    """The skip reason for an image from its first bytes (enough for the header) and its
+    last 16 bytes, or '' when it looks usable."""
     try:
         with Image.open(io.BytesIO(head)) as image:
             width, height = image.size
@@ -208,13 +206,26 @@ def _image_problem(handle, offset: int, size: int, min_side: int, max_aspect: fl
     return ""
 
 
+def _image_problem(handle, offset: int, size: int, min_side: int, max_aspect: float) -> str:
+    """`check_image_bytes` for an image stored at `offset` in an open shard."""
+    if size == 0:
+        return "corrupt_image"
+    handle.seek(offset)
+    head = handle.read(min(size, _HEADER_BYTES))
+    handle.seek(offset + size - min(size, 16))
+    tail = handle.read(min(size, 16))
+    return check_image_bytes(head, tail, min_side, max_aspect)
+
+
 def read_caption(handle, offset: int, size: int) -> str:
     """A caption's text (UTF-8; undecodable bytes replaced), stripped of white space."""
     handle.seek(offset)
     return handle.read(size).decode("utf-8", errors="replace").strip()
 
 
-def index_shard(path: str, min_image_side: int = 1, max_aspect_ratio: float = 1e9) -> ShardIndex:
+def index_shard(
+    path: str, min_image_side: int = 1, max_aspect_ratio: float = math.inf
+) -> ShardIndex:
     """Scan one shard: its usable samples and the ones left out (see the module table)."""
     members, truncated = _scan_members(path)
     skipped = SkipCounts()
