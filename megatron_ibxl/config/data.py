@@ -12,7 +12,8 @@ class DataConfig:
 
     train_shards: str = ""
     """WebDataset shards: a brace pattern (`shards/train-{0000..0099}.tar`) or a text file
-    listing one shard path per line. Relative paths resolve against the working directory."""
+    listing one shard path per line. Relative paths resolve against the working directory,
+    and relative entries of a list file against the list file's folder."""
     micro_batch: int = 32
     """Pairs per data-parallel rank per micro-batch (b)."""
     global_batch: int = 32768
@@ -40,3 +41,15 @@ class DataConfig:
     """Per-channel mean subtracted after scaling pixels to [0, 1]."""
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
     """Per-channel standard deviation divided after the mean."""
+    shuffle_window_shards: int = 0
+    """Shards whose samples are shuffled together: each epoch permutes the shards, cuts them
+    into windows of this many, and permutes the samples inside each window. 0 shuffles all
+    samples of the epoch together. Smaller windows read from fewer shards at a time."""
+    min_image_side: int = 8
+    """Images with a side shorter than this many pixels are skipped (counted as too_small)."""
+    max_aspect_ratio: float = 10.0
+    """Images whose long side exceeds this many times the short side are skipped (counted as
+    extreme_aspect)."""
+    prefetch: int = 2
+    """Micro-batches prepared ahead in a background thread per rank; 0 prepares each one
+    inside next()."""

@@ -169,6 +169,16 @@ def _check_batch(config: RunConfig, dp: int, problems: list[str]) -> int:
         )
     if not 0.0 < data.crop_scale_min <= 1.0:
         problems.append(f"data.crop_scale_min={data.crop_scale_min}: must be in (0, 1]")
+    if data.seed < 0:
+        problems.append(f"data.seed={data.seed}: must be >= 0")
+    if data.shuffle_window_shards < 0 or data.prefetch < 0 or data.min_image_side < 1:
+        problems.append(
+            f"data.shuffle_window_shards={data.shuffle_window_shards}, data.prefetch="
+            f"{data.prefetch}, data.min_image_side={data.min_image_side}: need window >= 0, "
+            "prefetch >= 0 and min_image_side >= 1"
+        )
+    if data.max_aspect_ratio < 1.0:
+        problems.append(f"data.max_aspect_ratio={data.max_aspect_ratio}: must be >= 1")
     return accumulation
 
 
