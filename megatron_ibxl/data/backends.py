@@ -218,8 +218,12 @@ class PilImages:
             self._pool = None
 
 
-def build_backend(mode: Mode, config: RunConfig, max_batch: int, seed: int):
-    """The image backend `data.loader` selects, for training or evaluation batches."""
+def build_backend(mode: Mode, config: RunConfig, max_batch: int, pipeline_seed: int):
+    """The image backend `data.loader` selects, for training or evaluation batches.
+
+    `pipeline_seed` seeds DALI's random stream; the fallback seeds each image from
+    data.seed and the per-image seed passed with it instead.
+    """
     if select_loader(config.data.loader) == "dali":
-        return DaliImages(mode, config, max_batch, seed)
-    return PilImages(mode, config, seed)
+        return DaliImages(mode, config, max_batch, pipeline_seed)
+    return PilImages(mode, config, config.data.seed)

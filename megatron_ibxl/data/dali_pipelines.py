@@ -20,9 +20,32 @@ in a source file (this one) and built with `enable_conditionals=True`.
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import nvidia.dali.math as dali_math
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.auto_aug import rand_augment
+
+
+def _hide_dali_deprecations() -> None:
+    """Drop DALI's notices that its RandAugment calls operators by their old experimental
+    names. DALI shows them whatever the warning filters say (it resets the filter while
+    warning), so they are dropped where warnings are shown; other warnings pass through."""
+    show = warnings.showwarning
+    if getattr(show, "hides_dali_deprecations", False):
+        return
+
+    def filtered(message, category, filename, lineno, file=None, line=None):
+        inside_dali = f"nvidia{os.sep}dali" in str(filename)
+        if not (issubclass(category, DeprecationWarning) and inside_dali):
+            show(message, category, filename, lineno, file, line)
+
+    filtered.hides_dali_deprecations = True
+    warnings.showwarning = filtered
+
+
+_hide_dali_deprecations()
 
 _ASPECT_RANGE = [3.0 / 4.0, 4.0 / 3.0]
 """Aspect ratios (width / height) the random resized crop samples from."""

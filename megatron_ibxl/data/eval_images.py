@@ -55,7 +55,7 @@ def iter_eval_images(
     Every span of `batch_size` paths yields exactly one batch, so `indices` and `failed`
     of all batches together cover every position of `paths` once.
     """
-    backend = build_backend("eval", config, max(1, batch_size), seed=config.data.seed)
+    backend = build_backend("eval", config, max(1, batch_size), config.data.seed)
     try:
         for start in range(0, len(paths), batch_size):
             encoded, positions, failed, reasons = [], [], [], []

@@ -284,3 +284,60 @@ def iter_captions(shards: list[str]) -> Iterator[str]:
         with open(path, "rb") as handle:
             for offset, size in index.caption_ranges:
                 yield read_caption(handle, int(offset), int(size))
+
+
+@dataclass
+class DatasetIndex:
+    """The usable samples of every shard, numbered in shard-list order then member order."""
+
+    shards: list[ShardIndex]
+    skipped: SkipCounts
+    starts: np.ndarray
+    """int64 [shards + 1]: number of the first sample of each shard; the last is N."""
+
+    @property
+    def num_samples(self) -> int:
+        """N: usable samples over all shards."""
+        return int(self.starts[-1])
+
+    def locate(self, sample: int) -> tuple[ShardIndex, int]:
+        """The shard holding sample number `sample`, and its position inside the shard."""
+        shard = int(np.searchsorted(self.starts, sample, side="right")) - 1
+        return self.shards[shard], sample - int(self.starts[shard])
+
+
+_INDEX_CACHE: dict[tuple, DatasetIndex] = {}
+
+
+def build_index(
+    shards: list[str], min_image_side: int = 1, max_aspect_ratio: float = math.inf
+) -> DatasetIndex:
+    """Index every shard (cached in memory per process while the files are unchanged),
+    logging the skipped samples of each shard once. Raises DataError for a shard that
+    cannot be opened, or when no shard has a usable sample."""
+    stamps = []
+    for path in shards:
+        try:
+            stat = os.stat(path)
+        except OSError as exc:
+            raise DataError(f"shard {path}: cannot be opened: {exc.strerror or exc}") from None
+        stamps.append((path, stat.st_size, stat.st_mtime_ns))
+    cache_key = (tuple(stamps), min_image_side, max_aspect_ratio)
+    if cache_key in _INDEX_CACHE:
+        return _INDEX_CACHE[cache_key]
+
+    indexes = [index_shard(path, min_image_side, max_aspect_ratio) for path in shards]
+    skipped = SkipCounts()
+    for index in indexes:
+        log_skips(index)
+        skipped.merge(index.skipped)
+    sizes = [len(index.keys) for index in indexes]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    if starts[-1] == 0:
+        raise DataError(
+            f"shards {shards[0]} ... ({len(shards)} files): no usable sample; skipped "
+            f"{dict(skipped.by_reason)}"
+        )
+    dataset = DatasetIndex(indexes, skipped, starts)
+    _INDEX_CACHE[cache_key] = dataset
+    return dataset

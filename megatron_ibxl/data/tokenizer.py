@@ -21,6 +21,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from megatron_ibxl.errors import DataError
+from megatron_ibxl.logging_setup import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +138,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> TextTokenizer:
     """Learn a byte-level BPE of `vocab_size` entries (256 bytes, end-of-text, merges).
 
     The trainer stops early when no pair of tokens is left to merge, which happens when the
-    text has few distinct words; the vocabulary is then smaller than asked, and a warning
-    says so. Every id stays below `vocab_size` either way.
+    text has few distinct words; the vocabulary is then smaller than asked (logged), and
+    every id stays below `vocab_size` either way.
     """
     minimum = 256 + 1
     if vocab_size < minimum:
@@ -153,9 +154,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> TextTokenizer:
     tokenizer.train_from_iterator(texts, trainer)
     result = TextTokenizer(tokenizer)
     if result.vocab_size < vocab_size:
-        logger.warning(
-            "tokenizer: merges ran out at %d entries of the %d asked; the text has too few "
-            "distinct words for more",
+        logger.info(
+            "tokenizer: merges ran out at %d entries of the %d asked (too few distinct words)",
             result.vocab_size,
             vocab_size,
         )
@@ -164,11 +164,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> TextTokenizer:
 
 def run_cli(args) -> int:
     """`megatron-ibxl train-tokenizer --shards PATTERN --vocab-size N --out FILE`."""
+    setup_logging()
     from megatron_ibxl.data.shards import expand_shards, iter_captions
 
     shards = expand_shards(args.shards)
     tokenizer = train_tokenizer(iter_captions(shards), args.vocab_size)
     tokenizer.save(args.out)
+    if tokenizer.vocab_size < args.vocab_size:
+        logger.warning(
+            "tokenizer: only %d entries of the %d asked: the captions have too few distinct "
+            "words; ids stay below --vocab-size, but a larger corpus gives a fuller vocabulary",
+            tokenizer.vocab_size,
+            args.vocab_size,
+        )
     logger.info(
         "tokenizer: %d entries (eot id %d) from the captions of %d shards -> %s",
         tokenizer.vocab_size,
