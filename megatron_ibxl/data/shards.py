@@ -169,6 +169,9 @@ def _scan_members(path: str) -> tuple[dict[str, dict[str, tuple[int, int]]], boo
                 truncated = True
                 break
             if info is None:
+                # A whole tar ends with two zero blocks of 512 bytes; fewer bytes left means
+                # the file stops inside a member header or right after a member.
+                truncated = file_size - tar.offset < 1024
                 break
             if not info.isfile():
                 continue
