@@ -194,7 +194,7 @@ class TrainLoader:
             shard, row = self._index.locate(sample)
             handle = self._handles.get(shard.path)
             if handle is None:
-                handle = self._handles[shard.path] = open(shard.path, "rb")  # noqa: SIM115
+                handle = self._handles[shard.path] = open(shard.path, "rb")
             offset, size = shard.image_ranges[row].tolist()
             handle.seek(offset)
             encoded.append(handle.read(size))

@@ -146,7 +146,7 @@ def _open_shard(path: str) -> tuple[tarfile.TarFile, int]:
     """Open a shard as a tar file, or raise DataError naming it."""
     try:
         size = os.path.getsize(path)
-        handle = open(path, "rb")  # noqa: SIM115 - closed by the caller through the tar
+        handle = open(path, "rb")
     except OSError as exc:
         raise DataError(f"shard {path}: cannot be opened: {exc.strerror or exc}") from None
     try:
