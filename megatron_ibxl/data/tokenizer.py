@@ -154,7 +154,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> TextTokenizer:
     tokenizer.train_from_iterator(texts, trainer)
     result = TextTokenizer(tokenizer)
     if result.vocab_size < vocab_size:
-        logger.info(
+        logger.debug(
             "tokenizer: merges ran out at %d entries of the %d asked (too few distinct words)",
             result.vocab_size,
             vocab_size,
