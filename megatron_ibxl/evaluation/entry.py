@@ -222,8 +222,8 @@ def _eval_config(args, world_size: int) -> RunConfig:
 def run(args) -> int:
     """`megatron-ibxl eval`: load the checkpoint, evaluate, print one JSON object.
 
-    An orchestrator whose paragraphs are the steps. The config, checkpoint path, tokenizer
-    and data are checked before the process groups start, so their errors come at once.
+    An orchestrator whose paragraphs are the steps. The config, data, checkpoint path and
+    tokenizer are checked before the process groups start, so their errors come at once.
     """
     from megatron_ibxl.data.tokenizer import load_tokenizer
     from megatron_ibxl.logging_setup import setup_logging
@@ -234,9 +234,9 @@ def run(args) -> int:
     launch = detect_launch_env()
     setup_logging(launch.rank, logging.INFO if launch.rank == 0 else logging.WARNING)
     config = _eval_config(args, launch.world_size)
+    data = load_eval_data(config.eval)
     checkpoint = resolve_checkpoint(args.checkpoint)
     tokenizer = load_tokenizer(config.data.tokenizer)
-    data = load_eval_data(config.eval)
 
     ctx = init_parallel(config.parallel, seed=config.data.seed, launch=launch)
     logging.getLogger().setLevel(logging.INFO if ctx.owns_metrics else logging.WARNING)
