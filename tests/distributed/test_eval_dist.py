@@ -92,3 +92,153 @@ def test_distributed_equals_single_process(trees, tmp_path: Path, world_size, tp
             assert results[name] == expected, f"rank {rank}, {name}"
     call_counts = [calls for _, calls in outputs]
     assert all(c == call_counts[0] for c in call_counts), call_counts
+
+
+# ---------------------------------------------------------------------------------------
+# The real path: a tiny DualEncoder, a trained tokenizer, ZeRO-3, against serial loops.
+# ---------------------------------------------------------------------------------------
+
+REAL_CLASSES = ["zero", "one", "two", "three", "four", "five", "six"]
+REAL_TEMPLATES = ["a picture of {}.", "a drawing of the {}."]
+
+
+def _tiny_config(tokenizer: str):
+    config = eval_config(batch_size=BATCH)
+    model = config.model
+    model.vision.image_size, model.vision.patch_size = 16, 8
+    model.vision.hidden, model.vision.num_layers = 32, 1
+    model.vision.num_heads, model.vision.mlp_hidden = 2, 64
+    model.text.vocab_size, model.text.vocab_pad_multiple = 320, 8
+    model.text.context_length, model.text.hidden, model.text.num_layers = 12, 32, 1
+    model.text.num_heads, model.text.mlp_hidden = 2, 64
+    model.embed_dim = 16
+    config.optimizer.precision = "fp32"
+    config.parallel.tp, config.parallel.sequence_parallel, config.parallel.zero = 1, False, 3
+    config.data.tokenizer = tokenizer
+    return config
+
+
+def _serial_reference(model, config, tokenizer, data) -> dict:
+    """Metrics by plain loops over the whole set, one item per tower call, with torch.topk
+    and scikit-learn's balanced accuracy (the CLIP benchmark's mean per-class recall)."""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.metrics import balanced_accuracy_score
+
+    from megatron_ibxl.data.eval_images import iter_eval_images
+
+    def text_emb(text):
+        tokens, lengths = tokenizer.encode_batch([text], config.model.text.context_length)
+        return model.encode_text(tokens, lengths)[0]
+
+    def image_embs(paths):
+        (batch,) = list(iter_eval_images(paths, config, len(paths)))
+        return torch.stack(
+            [model.encode_image(batch.images[i : i + 1])[0] for i in range(len(paths))]
+        )
+
+    classes = data.classification
+    weights = []
+    for name in classes.class_names:
+        prompts = torch.stack([text_emb(t.replace("{}", name)) for t in REAL_TEMPLATES])
+        weights.append(F.normalize(prompts.mean(0), dim=0))
+    classifier = torch.stack(weights)
+    logits = image_embs(classes.paths) @ classifier.T
+    labels = torch.tensor(classes.labels)
+    top5 = logits.topk(5, dim=1).indices
+    reference = {
+        "acc1": float((logits.argmax(1) == labels).double().mean()),
+        "acc5": float((top5 == labels[:, None]).any(1).double().mean()),
+        "mean_per_class_recall": balanced_accuracy_score(labels, logits.argmax(1)),
+    }
+
+    captions = data.retrieval
+    scores = (
+        torch.stack([text_emb(c) for c in captions.captions]) @ image_embs(captions.image_paths).T
+    )
+    owner = torch.tensor(captions.caption_image)
+    for k in (1, 5, 10):
+        top_images = scores.topk(min(k, scores.shape[1]), dim=1).indices
+        reference[f"image_retrieval_recall@{k}"] = float(
+            (top_images == owner[:, None]).any(1).double().mean()
+        )
+        top_texts = owner[scores.T.topk(min(k, scores.shape[0]), dim=1).indices]
+        hits = top_texts == torch.arange(scores.shape[1])[:, None]
+        reference[f"text_retrieval_recall@{k}"] = float(hits.any(1).double().mean())
+    return reference  # fmt: skip
+
+
+def _real_rank_fn(ctx, tokenizer_path, image_folder, classes_file, karpathy):
+    import torch
+
+    from megatron_ibxl.data.tokenizer import load_tokenizer
+    from megatron_ibxl.evaluation import EvalData, evaluate_zero_shot, load_eval_data
+    from megatron_ibxl.models import build_dual_encoder
+    from megatron_ibxl.parallel.sharding import shard_model
+
+    config = _tiny_config(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
+    plain = build_dual_encoder(config).eval()
+    sharded = build_dual_encoder(config)  # same init seed, so the same weights
+    shard_model(sharded, config, ctx)
+
+    results = {}
+    for name, model in (("plain", plain), ("zero3", sharded)):
+        config.eval.task, config.eval.data = "imagenet", image_folder
+        config.eval.classes, config.eval.templates = classes_file, classes_file + ".templates"
+        metrics = evaluate_zero_shot(model, config, ctx, tokenizer)
+        config.eval.task, config.eval.data = "coco", karpathy
+        metrics |= evaluate_zero_shot(model, config, ctx, tokenizer)
+        results[name] = metrics
+
+    config.eval.task, config.eval.data = "imagenet", image_folder
+    data = EvalData(classification=load_eval_data(config.eval).classification)
+    config.eval.task, config.eval.data = "coco", karpathy
+    data.retrieval = load_eval_data(config.eval).retrieval
+    with torch.no_grad():
+        results["reference"] = _serial_reference(plain, config, tokenizer, data)
+    return results
+
+
+def test_real_model_zero3_matches_serial_reference(tmp_path_factory, tmp_path):
+    """Two processes, dp=2 with ZeRO-3: evaluate_zero_shot on the FSDP2-sharded model and on
+    the plain one equal a serial reference computed with torch.topk and scikit-learn."""
+    import random
+
+    from megatron_ibxl.data.tokenizer import train_tokenizer
+    from tests.helpers.eval_fixtures import COLOURS, write_image
+
+    root = tmp_path_factory.mktemp("real-eval")
+    rng = random.Random(0)
+    lines = []
+    for index, name in enumerate(REAL_CLASSES):
+        lines.append(f"{index}\t{name}")
+        for i in range(2):
+            write_image(root / "digits" / str(index) / f"{i}.jpg", rng.choice(COLOURS))
+    classes_file = root / "classes.tsv"
+    classes_file.write_text("\n".join(lines) + "\n")
+    Path(str(classes_file) + ".templates").write_text("\n".join(REAL_TEMPLATES) + "\n")
+    karpathy = make_karpathy(root / "coco")
+
+    texts = [t.replace("{}", n) for n in REAL_CLASSES for t in REAL_TEMPLATES]
+    texts += ["a red box", "green grass", "a blue sea", "a yellow cab", "plain"] * 4
+    tokenizer_path = root / "tokenizer.json"
+    train_tokenizer(texts, 300).save(tokenizer_path)
+
+    parallel = ParallelConfig(tp=1, backend="gloo", timeout_s=120, zero=3)
+    outputs = run_distributed(
+        _real_rank_fn,
+        2,
+        tmp_path,
+        str(tokenizer_path),
+        str(root / "digits"),
+        str(classes_file),
+        str(karpathy),
+        parallel=parallel,
+        timeout_s=400,
+    )
+    for rank, results in enumerate(outputs):
+        reference = results["reference"]
+        for name in ("plain", "zero3"):
+            for key, value in reference.items():
+                assert results[name][key] == pytest.approx(value, abs=1e-12), (rank, name, key)
