@@ -1,0 +1,213 @@
+"""`megatron-ibxl train`: build everything from the configuration, resume, train, exit.
+
+Launched once per rank by `launch/torchrun.sh`, `launch/mpirun.sh` or `launch/slurm.sbatch`.
+In order: join the process groups, announce the run once (the start-up block), build the
+towers, shard them, build the optimizer, schedule and data, resume from the run's latest
+checkpoint, then train. SIGTERM or SIGUSR1 makes every rank finish its step, checkpoint and
+exit 0. A peer that dies or hangs ends every process with an error naming the rank within
+`parallel.timeout_s`, never a silent wait.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import traceback
+from pathlib import Path
+
+import torch
+
+from megatron_ibxl.config import BatchLayout, RunConfig, load_config, validate
+from megatron_ibxl.errors import UserError
+from megatron_ibxl.logging_setup import setup_logging
+from megatron_ibxl.parallel import detect_launch_env, init_parallel, shutdown_parallel
+from megatron_ibxl.parallel.setup import ParallelContext
+from megatron_ibxl.training.loop import Trainer, train
+from megatron_ibxl.training.metrics import MetricsWriter
+from megatron_ibxl.training.signals import StopSignal, Watchdog, flush_logs
+
+logger = logging.getLogger(__name__)
+
+EXIT_FAILED = 1
+"""Exit code of a rank whose training failed (a collective error, a crash)."""
+
+_COLLECTIVE_HINTS = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket")
+
+
+def rank_label(ctx: ParallelContext) -> str:
+    """`rank 3 (tp 1, dp 1, pp 0)`: how a process is named in warnings and errors."""
+    return f"rank {ctx.rank} (tp {ctx.tp_rank}, dp {ctx.dp_rank}, pp {ctx.pp_rank})"
+
+
+def run(args) -> int:
+    """Train from `args.config` with `args.overrides`; returns the process exit code.
+
+    User errors (config, data, checkpoint) raise UserError for the CLI to print. Any other
+    failure after the process groups are up (a peer died, a collective timed out) is logged
+    on this rank with its coordinates and ends the process at once with EXIT_FAILED, since
+    tearing down a broken process group can itself hang.
+    """
+    launch = detect_launch_env()
+    setup_logging(launch.rank, logging.INFO if launch.rank == 0 else logging.WARNING)
+    config = load_config(args.config, args.overrides)
+    batch = validate(config, launch.world_size)
+
+    ctx = init_parallel(config.parallel, seed=config.data.seed, launch=launch)
+    logging.getLogger().setLevel(logging.INFO if ctx.owns_metrics else logging.WARNING)
+    watchdog = Watchdog(rank_label(ctx), config.parallel.timeout_s).start()
+    try:
+        code = _train(config, batch, ctx, watchdog, args.config)
+    except UserError:
+        shutdown_parallel()
+        raise
+    except BaseException as exc:  # noqa: BLE001 - every failure must end this rank visibly
+        _fail(ctx, exc)
+    watchdog.stop()
+    shutdown_parallel()
+    return code
+
+
+def _fail(ctx: ParallelContext, exc: BaseException) -> None:
+    """Log why this rank ends, naming it, and leave without touching the process group."""
+    text = f"{type(exc).__name__}: {exc}".strip()
+    if isinstance(exc, KeyboardInterrupt):
+        logger.error("%s: interrupted", rank_label(ctx))
+    elif isinstance(exc, RuntimeError) and any(h in text.lower() for h in _COLLECTIVE_HINTS):
+        logger.error(
+            "%s: a collective failed, so a peer rank has probably died or hung: %s. Ending "
+            "this process; rerun to resume from the last complete checkpoint",
+            rank_label(ctx),
+            text.splitlines()[0],
+        )
+    else:
+        logger.error("%s: training failed:\n%s", rank_label(ctx), traceback.format_exc())
+    flush_logs()
+    os._exit(130 if isinstance(exc, KeyboardInterrupt) else EXIT_FAILED)
+
+
+def _train(
+    config: RunConfig, batch: BatchLayout, ctx: ParallelContext, watchdog: Watchdog, path: str
+) -> int:
+    """Build the pieces, resume, run the loop. An orchestrator: its paragraphs are the
+    start-up phases, announced once on the owning rank."""
+    from megatron_ibxl.training.build import build_training, evaluation_fn, make_saver, resume
+
+    run_dir = Path(config.logging.run_dir)
+    if ctx.owns_metrics:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_resolved_config(config, run_dir, path)
+        _announce(config, batch, ctx, path)
+
+    with watchdog.phase("building the model, optimizer and data"):
+        parts = build_training(config, batch, ctx)
+        state, position = resume(config, ctx, parts)
+        parts.loader = parts.make_loader(position)
+
+    total = config.schedule.total_steps
+    if state.step >= total:
+        logger.info("run already complete at step %d of %d; nothing to train", state.step, total)
+        return 0
+    writer = MetricsWriter(
+        run_dir, config.logging, ctx.owns_metrics, state.step, total, config.to_dict()
+    )
+    stop = StopSignal()
+    stop.install()
+    trainer = Trainer(
+        config=config,
+        ctx=ctx,
+        batch=batch,
+        model=parts.model,
+        optimizer=parts.optimizer,
+        scheduler=parts.scheduler,
+        grad_sync=parts.grad_sync,
+        loader=parts.loader,
+        tokenizer=parts.tokenizer,
+        writer=writer,
+        stop=stop,
+        watchdog=watchdog,
+        save=make_saver(config, ctx, parts),
+        evaluate=evaluation_fn(config, ctx, parts),
+    )
+    try:
+        result = train(trainer, state)
+    finally:
+        writer.close()
+        stop.uninstall()
+    logger.info("%s at step %d (%.1f s of training)", result.reason, state.step, state.train_s)
+    return 0
+
+
+def _write_resolved_config(config: RunConfig, run_dir: Path, path: str) -> None:
+    """RUN_DIR/config.json: the resolved configuration and its hash, for reruns and tools."""
+    record = {"config_hash": config.digest(), "source": str(path), "config": config.to_dict()}
+    tmp = run_dir / "config.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, run_dir / "config.json")
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    for name in ("megatron-core", "megatron-ibxl", "nvidia-dali-cuda120"):
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            parts.append(f"{name} absent")
+    return ", ".join(parts)
+
+
+def _announce(config: RunConfig, batch: BatchLayout, ctx: ParallelContext, path: str) -> None:
+    """The start-up block: config and hash, versions, layout, parameters, batch, FLOPs."""
+    from megatron_ibxl.models.param_count import count_parameters
+
+    counts = count_parameters(config.model, config.parallel.tp, config.loss.kind)
+    par = config.parallel
+    lines = [
+        f"config {path} hash {config.digest()} (resolved: {config.logging.run_dir}/config.json)",
+        f"versions: {_versions()}; backend {ctx.backend}, device {ctx.device}",
+        f"layout: world {ctx.world_size} = tp {ctx.tp} x pp {ctx.pp} x dp {ctx.dp}; "
+        f"sequence_parallel {par.sequence_parallel}, zero {par.zero}, gather {par.gather}, "
+        f"recompute {par.recompute}, timeout {par.timeout_s:g} s",
+        *_layout_lines(ctx),
+        f"parameters: vision {counts.vision:,}, text {counts.text:,}, heads {counts.heads:,}, "
+        f"total {counts.total:,}",
+        f"batch: global {batch.global_batch} pairs = micro {batch.micro_batch} x dp {batch.dp} "
+        f"x accumulation {batch.accumulation}; loss {config.loss.kind}, negatives "
+        f"{config.loss.negatives}",
+        f"compute: {_tflop_per_step(config, batch):.4g} TFLOP per optimizer step (model "
+        "FLOPs of forward and backward over all ranks, as the planner counts them)",
+        f"schedule: {config.schedule.total_steps} steps, warmup {config.schedule.warmup_steps}, "
+        f"lr {config.optimizer.lr:g} -> {config.schedule.min_lr:g}",
+    ]
+    for line in lines:
+        logger.info(line)
+
+
+def _tflop_per_step(config: RunConfig, batch: BatchLayout) -> float:
+    from megatron_ibxl.planning.flops import model_flops_per_step
+    from megatron_ibxl.planning.shapes import tower_shapes
+
+    flops = model_flops_per_step(
+        tower_shapes(config, batch.tp),
+        config.model.embed_dim,
+        batch.global_batch,
+        config.loss.negatives,
+        batch.micro_batch,
+        batch.accumulation,
+        batch.dp,
+    )
+    return flops / 1e12
+
+
+def _layout_lines(ctx: ParallelContext, limit: int = 16) -> list[str]:
+    """Which rank holds which (pp, dp, tp) coordinate; the rule alone for large jobs."""
+    from megatron_ibxl.parallel import layout_table
+
+    rule = "  rank = pp * (dp_size * tp_size) + dp * tp_size + tp (tensor parallel fastest)"
+    if ctx.world_size > limit:
+        return [rule]
+    rows = layout_table(ctx)
+    return [rule] + [f"  rank {r}: pp {p} dp {d} tp {t}" for r, p, d, t in rows]
