@@ -26,6 +26,7 @@ reduced over tensor parallelism, so no pair is counted twice.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -231,15 +232,23 @@ def clamp_logit_scale_(model: nn.Module) -> None:
     """Clamp the model's log inverse temperature in place to its `logit_scale_max`.
 
     Call it right after `optimizer.step()`. It clamps the tensor the optimizer owns: the
-    parameter itself when it is a plain tensor, or this rank's local shard when FSDP2 has
-    sharded it into a DTensor (the fp32 master copy under mixed precision; a rank whose shard
-    is empty has nothing to do). The compute copy of the next forward is cast from it, so it
-    starts at most at the clamp. Only an upper bound is applied (CLIP clamps the scale at
-    100, Radford et al. 2021, section 2.5).
+    parameter itself when it is a plain tensor (replicated, fp32), or this rank's local shard
+    when FSDP2 has sharded it into a DTensor (the fp32 master copy under mixed precision; a
+    rank whose shard is empty has nothing to do). The compute copy of the next forward is
+    cast from it. The bound is the largest value of the parameter's dtype that does not
+    exceed the limit (fp32 rounds ln 100 up by 6e-8 otherwise). Only an upper bound is
+    applied (CLIP clamps the scale at 100, Radford et al. 2021, section 2.5).
     """
     owner = find_logit_scale_owner(model)
     parameter = owner.logit_scale
-    maximum = float(owner.logit_scale_max)
     local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
     with torch.no_grad():
-        local.clamp_(max=maximum)
+        local.clamp_(max=_largest_at_most(float(owner.logit_scale_max), local.dtype))
+
+
+def _largest_at_most(limit: float, dtype: torch.dtype) -> float:
+    """The largest number of `dtype` that is <= `limit`."""
+    value = torch.tensor(limit, dtype=torch.float64).to(dtype)
+    if float(value) > limit:
+        value = torch.nextafter(value, torch.tensor(-math.inf, dtype=dtype))
+    return float(value)
