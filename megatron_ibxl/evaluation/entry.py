@@ -242,7 +242,7 @@ def run(args) -> int:
     logging.getLogger().setLevel(logging.INFO if ctx.owns_metrics else logging.WARNING)
     try:
         model = build_dual_encoder(config).to(ctx.device)
-        load_checkpoint(str(checkpoint), model, ctx=ctx)
+        load_checkpoint(checkpoint, model, None, None, ctx)
         logger.info("evaluating %s on %s (task %s)", checkpoint, args.data, args.task)
         towers = towers_from_model(model, config, ctx.device, tokenizer)
         model.eval()

@@ -242,3 +242,105 @@ def test_real_model_zero3_matches_serial_reference(tmp_path_factory, tmp_path):
         for name in ("plain", "zero3"):
             for key, value in reference.items():
                 assert results[name][key] == pytest.approx(value, abs=1e-12), (rank, name, key)
+
+
+# ---------------------------------------------------------------------------------------
+# The command: a saved checkpoint evaluated by 1 process and by 2 (tp=2, torchrun).
+# ---------------------------------------------------------------------------------------
+
+_SAVE_AND_EVALUATE = '''
+"""Save a perturbed demo model at step 3, evaluate it in-process; print fresh and saved JSON."""
+import json, sys
+import torch
+from megatron_ibxl.config import load_config
+from megatron_ibxl.data.tokenizer import load_tokenizer
+from megatron_ibxl.evaluation import evaluate_zero_shot
+from megatron_ibxl.models import build_dual_encoder
+from megatron_ibxl.parallel import detect_launch_env, init_parallel, shutdown_parallel
+from megatron_ibxl.training.checkpoint import save_checkpoint
+
+config_path, run_dir, *overrides = sys.argv[1:]
+config = load_config(config_path, overrides)
+ctx = init_parallel(config.parallel, seed=0, launch=detect_launch_env())
+model = build_dual_encoder(config)
+tokenizer = load_tokenizer(config.data.tokenizer)
+fresh = evaluate_zero_shot(model, config, ctx, tokenizer)
+generator = torch.Generator().manual_seed(7)
+with torch.no_grad():  # far from the initialisation, so that loading must matter
+    for param in model.parameters():
+        if param.ndim >= 2:
+            param.add_(0.3 * torch.randn(param.shape, generator=generator))
+save_checkpoint(run_dir, 3, model, torch.optim.AdamW(model.parameters()), None, {}, config, ctx)
+saved = evaluate_zero_shot(model, config, ctx, tokenizer)
+shutdown_parallel()
+print(json.dumps(fresh))
+print(json.dumps(saved))
+'''
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _json_lines(proc) -> list[dict]:
+    import json
+
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_cli_one_and_two_processes_agree(tmp_path):
+    """`megatron-ibxl eval` on the digits demo's held-out ImageFolder with --classes and
+    --templates, two processes under torchrun (tp=2 with sequence parallelism, the tp=1
+    checkpoint resharded), prints one JSON object equal to evaluating the saved model in the
+    one process (tp=1) that saved it, and different from the fresh model's."""
+    import os
+    import subprocess
+    import sys
+
+    from megatron_ibxl.data.demo import make_demo_data
+
+    root = Path(__file__).resolve().parents[2]
+    demo, run_dir = tmp_path / "demo", tmp_path / "run"
+    make_demo_data(demo)
+    script = tmp_path / "save_and_evaluate.py"
+    script.write_text(_SAVE_AND_EVALUATE)
+    config = "launch/configs/demo-cpu.yaml"
+    eval_args = {
+        "data": str(demo / "heldout"),
+        "classes": str(demo / "classes.tsv"),
+        "templates": str(demo / "templates.txt"),
+    }
+    common = [f"data.tokenizer={demo}/tokenizer.json"]
+    one_process = ["parallel.tp=1", "parallel.sequence_parallel=false"]
+
+    def run(args: list[str], torchrun: bool = False) -> list[dict]:
+        port = _free_port()
+        env = {**os.environ, "MASTER_PORT": str(port), "PYTHONPATH": str(root)}
+        launcher = [sys.executable]
+        if torchrun:
+            launcher += ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
+            launcher += ["--master_port", str(port)]
+        proc = subprocess.run(
+            [*launcher, *args], cwd=root, env=env, capture_output=True, text=True, timeout=600
+        )
+        return _json_lines(proc)
+
+    overrides = common + one_process + ["eval.task=imagenet"]
+    overrides += [f"eval.{key}={value}" for key, value in eval_args.items()]
+    fresh, saved = run([str(script), config, str(run_dir), *overrides])
+
+    cli = ["-m", "megatron_ibxl.cli", "eval", "--config", config, "--checkpoint", str(run_dir)]
+    cli += ["--task", "imagenet"] + [f"--{key}={value}" for key, value in eval_args.items()]
+    cli += [arg for item in common for arg in ("--set", item)]
+    (double,) = run(cli, torchrun=True)  # the demo layout: tp=2, sequence parallel
+
+    assert double["checkpoint"].endswith("checkpoints/step_3")
+    for key in ("acc1", "acc5", "mean_per_class_recall", "num_images", "num_classes"):
+        assert double[key] == saved[key], key
+    assert fresh["mean_per_class_recall"] != saved["mean_per_class_recall"]
+    assert double["num_images"] == 364 and double["num_classes"] == 10  # the held-out fifth

@@ -1,13 +1,15 @@
 """`megatron-ibxl eval` before the model: checkpoint resolution and one-line user errors."""
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from megatron_ibxl.config import ConfigError
 from megatron_ibxl.errors import CheckpointError
-from megatron_ibxl.evaluation.entry import resolve_checkpoint
+from megatron_ibxl.evaluation.entry import _eval_config, resolve_checkpoint
 from tests.helpers.eval_fixtures import make_karpathy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,7 +45,7 @@ def test_resolve_checkpoint_errors(tmp_path):
 
 def _eval(*args):
     cmd = [sys.executable, "-m", "megatron_ibxl.cli", "eval", "--config", DEMO, *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 def _assert_one_line_error(proc, key):
@@ -67,9 +69,20 @@ def test_cli_missing_checkpoint(tmp_path):
     _assert_one_line_error(proc, "checkpoint folder not found")
 
 
-def test_cli_config_checks(tmp_path):
-    args = ["--checkpoint", str(tmp_path), "--task", "coco", "--data", str(tmp_path)]
+def _args(*overrides, **fields):
+    values = dict(config=str(ROOT / DEMO), overrides=list(overrides), task="coco", data="d")
+    return argparse.Namespace(**(values | dict(classes=None, templates=None) | fields))
+
+
+def test_eval_config_checks():
+    one = ["parallel.tp=1", "parallel.sequence_parallel=false"]
     # The demo layout (tp=2) cannot run on one process: validation names the world size.
-    _assert_one_line_error(_eval(*args), "world size 1")
-    proc = _eval(*args, *ONE_PROCESS, "--set", "data.tokenizer=")
-    _assert_one_line_error(proc, "data.tokenizer is empty")
+    with pytest.raises(ConfigError, match="world size 1"):
+        _eval_config(_args(), world_size=1)
+    with pytest.raises(ConfigError, match="data.tokenizer is empty"):
+        _eval_config(_args(*one, "data.tokenizer="), world_size=1)
+    # The training batch layout is not checked: an accumulation that only fits the training
+    # world size still evaluates on 3 processes.
+    config = _eval_config(_args(*one, "data.accumulation=7", classes="c.tsv"), world_size=3)
+    assert config.data.accumulation == 7
+    assert (config.eval.task, config.eval.data, config.eval.classes) == ("coco", "d", "c.tsv")
