@@ -1,5 +1,11 @@
 """Communication overhead benchmarks.
 
+Mode `step`: compute, communication and exposed communication time of real training steps
+of a run's configuration (benchmarks/comm_step.py has the code and the definitions):
+
+    python -m torch.distributed.run --nproc_per_node 4 -m benchmarks.comm_overhead \\
+        step --config launch/configs/demo-cpu.yaml --steps 5 --out step.json
+
 Mode `collectives`: a sweep of all-gather, reduce-scatter and all-reduce over message sizes
 (doubling from --min-bytes to --max-bytes) on the current backend (gloo on CPU, NCCL on GPUs)
 and one kind of process group (the world, this rank's tensor-parallel group or its
@@ -421,7 +427,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", metavar="FILE", default=None, help="write the results as JSON (rank 0)"
     )
     coll.set_defaults(handler=run_collectives)
+    _add_step_parser(sub)
     return parser
+
+
+def _add_step_parser(sub) -> None:
+    """The `step` mode's arguments (its code is benchmarks/comm_step.py)."""
+    step = sub.add_parser(
+        "step",
+        help="compute vs communication vs exposed communication of real training steps",
+    )
+    step.add_argument("--config", required=True, metavar="FILE", help="the run's YAML file")
+    step.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key (repeatable), as `megatron-ibxl train --set`",
+    )
+    step.add_argument("--steps", type=int, default=5, help="measured optimizer steps")
+    step.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    step.add_argument(
+        "--method",
+        choices=["auto", "timing", "profiler"],
+        default="auto",
+        help="timing: wall clock around collective waits (CPU, gloo); profiler: CUDA kernels "
+        "from torch.profiler (NCCL); auto picks by the device",
+    )
+    step.add_argument("--json", action="store_true", help="print the JSON object, not a table")
+    step.add_argument("--out", metavar="FILE", default=None, help="write the JSON object (rank 0)")
+    step.set_defaults(handler=_run_step)
+
+
+def _run_step(args: argparse.Namespace) -> int:
+    from benchmarks.comm_step import run_step
+
+    return run_step(args)
 
 
 def main(argv: list[str] | None = None) -> int:
