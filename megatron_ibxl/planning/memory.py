@@ -34,7 +34,10 @@ log-sum-exp of 4 bytes per n*s instead) so selective recomputation saves nothing
 element size follows optimizer.precision; f need not be 4h. Each tower adds its final
 LayerNorm input and, for vision, the pixels kept for the patch projection's weight gradient.
 Pipeline stage p of P under 1F1B holds min(P - p, A) micro-batches in flight
-(Korthikanti et al., section 4.2.3).
+(Korthikanti et al., section 4.2.3). Under full recomputation the backward of a layer
+re-creates that layer's activations, so one layer's worth without recomputation (the
+largest) is added once as `workspace`: without it the estimate of the demo model's peak
+falls 45% short of the measured one (tests/unit/test_planner_memory_real.py).
 
 The contrastive loss adds its buffers (fp32): the local embeddings and their gradients, the
 gathered [B, d] embeddings, and logits plus their gradients for both directions. They are
@@ -71,6 +74,9 @@ class MemoryBreakdown:
     """Adam first and second moments, fp32."""
     activations: float
     """Tensors saved for backward by the micro-batches in flight, plus loss buffers."""
+    workspace: float
+    """Transient tensors of the backward that the model counts: under full recomputation
+    one layer's re-created activations (0 otherwise)."""
     buffers: float
     """Gathered (unsharded) parameters of the layers in flight or, under `gather: step`, of
     the whole stage; in-flight unsharded gradients of `gather: microbatch`."""
@@ -127,6 +133,21 @@ def layer_activation_bytes(
     if sp:
         return (replicated + split) / tp
     return replicated + split / tp
+
+
+def _layer_bytes(config: RunConfig, batch: BatchLayout, tower, recompute: str, kernel: str):
+    """layer_activation_bytes for `tower` under the layout of `config` and `batch`."""
+    return layer_activation_bytes(
+        tower,
+        batch.micro_batch,
+        batch.tp,
+        config.parallel.sequence_parallel,
+        recompute,
+        kernel,
+        config.optimizer.precision,
+        config.model.hidden_dropout,
+        config.model.attention_dropout,
+    )
 
 
 def _tower_extra_bytes(tower: TowerShape, micro_batch: int, tp: int, sp: bool, e: int) -> float:
@@ -189,7 +210,7 @@ def stage_memory(
     """Memory per GPU on pipeline stage `stage` of the layout `batch` (from validate) for
     `config`, with the cluster's attention kernel, reserve and prefetch depth (FlashAttention,
     no reserve and prefetch 1 when `cluster` is None)."""
-    par, model = config.parallel, config.model
+    par = config.parallel
     towers = tower_shapes(config, batch.tp)
     kernel = cluster.attention_kernel if cluster else "flash"
     prefetch = cluster.overlap.dp_prefetch_layers if cluster else 1
@@ -200,27 +221,18 @@ def stage_memory(
     params, largest = stage_params(towers, batch.pp, stage)
     weights, grads, optimizer, buffers = _state_bytes(params, largest, config, batch, prefetch)
 
-    per_micro = 0.0
+    per_micro, workspace = 0.0, 0.0
     for tower in towers:
-        per_layer = layer_activation_bytes(
-            tower,
-            batch.micro_batch,
-            batch.tp,
-            sp,
-            par.recompute,
-            kernel,
-            config.optimizer.precision,
-            model.hidden_dropout,
-            model.attention_dropout,
-        )
-        per_micro += stage_layers(tower, batch.pp, stage) * per_layer
+        layers = stage_layers(tower, batch.pp, stage)
+        per_micro += layers * _layer_bytes(config, batch, tower, par.recompute, kernel)
+        if par.recompute == "full" and layers:
+            workspace = max(workspace, _layer_bytes(config, batch, tower, "none", kernel))
         if stage in (0, batch.pp - 1):
             per_micro += _tower_extra_bytes(tower, batch.micro_batch, batch.tp, sp, e)
-    in_flight = min(batch.pp - stage, batch.accumulation)
-    activations = in_flight * per_micro
+    activations = min(batch.pp - stage, batch.accumulation) * per_micro
     if stage == batch.pp - 1:
         activations += loss_buffer_bytes(config, batch)
-    return MemoryBreakdown(weights, grads, optimizer, activations, buffers, reserved)
+    return MemoryBreakdown(weights, grads, optimizer, activations, workspace, buffers, reserved)
 
 
 def memory_per_gpu(
@@ -232,8 +244,8 @@ def memory_per_gpu(
 
 
 def estimate_memory_gib(config: RunConfig, world_size: int) -> dict:
-    """Per-GPU memory breakdown in GiB (weights, grads, optimizer, activations, buffers,
-    reserved, total) for `config` on `world_size` processes, assuming FlashAttention-style
+    """Per-GPU memory breakdown in GiB (weights, grads, optimizer, activations, workspace,
+    buffers, reserved, total) for `config` on `world_size` processes, assuming FlashAttention-style
     attention and no framework reserve. Used by `megatron-ibxl train --dry-run`.
 
     Raises ConfigError when `config` is not valid for `world_size`.

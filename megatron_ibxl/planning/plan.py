@@ -182,7 +182,7 @@ def _embed_unit(config, cluster: Cluster, batch: BatchLayout, tower, totals) -> 
     only; token lookups cost no FLOPs."""
     b = batch.micro_batch
     flops = tower.input_gemm_flops * b
-    rows = max(1, (tower.seq_model - 1) * b)
+    rows = tower.seq_model * b
     seconds = flops / cluster.flops_per_s(config.optimizer.precision, rows)
     totals.add_unit(1, (flops, seconds), (flops, seconds))
     return Unit(f"{tower.name}.embed", seconds, seconds, tower.embed_params_rank)

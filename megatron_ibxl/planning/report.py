@@ -100,7 +100,9 @@ def format_plan(plan: Plan) -> str:
         "memory   "
         + "  ".join(f"{k}={mem[k]:.2f}" for k in ("weights", "grads", "optimizer"))
         + "  "
-        + "  ".join(f"{k}={mem[k]:.2f}" for k in ("activations", "buffers", "reserved"))
+        + "  ".join(
+            f"{k}={mem[k]:.2f}" for k in ("activations", "workspace", "buffers", "reserved")
+        )
         + f"  total={mem['total']:.2f} GiB of {mem['capacity']:g}"
         + ("  fits" if data["fits"] else "  DOES NOT FIT"),
         f"flops    model {data['flops_per_step']:.3e}/step, executed "

@@ -121,10 +121,10 @@ def explain(plan: Plan, best: Plan) -> str:
     ours, theirs = _components(plan), _components(best)
     deltas = sorted(((ours[k] - theirs[k], k) for k in ours), reverse=True)
     losses = [f"{k} +{d:.3f} s" for d, k in deltas if d > 1e-4][:2]
-    gains = [f"{k} {d:.3f} s" for d, k in deltas[::-1] if d < -1e-4][:1]
+    gains = [f"{-d:.3f} s of {k}" for d, k in deltas[::-1] if d < -1e-4][:1]
     changed = [f"{k}={v}" for k, v in _knobs(plan).items() if _knobs(best)[k] != v]
     text = f"+{plan.step_time_s - best.step_time_s:.3f} s vs #1 ({', '.join(changed)}): "
     text += ", ".join(losses) or "no slower part"
     if gains:
-        text += f"; gains {gains[0]}"
+        text += f"; saves {gains[0]}"
     return text + f"; {free_gib:.1f} GiB free"

@@ -20,6 +20,27 @@ from megatron_ibxl.planning.plan import plan_layout
 from megatron_ibxl.planning.shapes import TowerShape, tower_shapes
 
 DEMO = "launch/configs/demo-cpu.yaml"
+TOY = [
+    # The demo file's layout with the model pinned here, so the hand counts below hold
+    # whatever the demo is tuned to: 32 px images in 8 px patches plus a class token (17
+    # tokens), 16 text tokens, both towers h = 64, f = 256, 4 heads, 2 layers; d = 32.
+    *(f"model.vision.{k}" for k in ("image_size=32", "patch_size=8", "use_class_token=true")),
+    "model.vision.pool=cls",
+    "model.text.context_length=16",
+    "model.text.vocab_size=1024",
+    "model.text.vocab_pad_multiple=8",
+    *(
+        f"model.{tower}.{k}"
+        for tower in ("vision", "text")
+        for k in ("hidden=64", "mlp_hidden=256", "num_heads=4", "num_layers=2")
+    ),
+    "model.embed_dim=32",
+    "data.micro_batch=32",
+]
+
+
+def _toy(*overrides):
+    return load_config(DEMO, [*TOY, *overrides])
 
 
 def _tower(seq, hidden, heads, layers=1, mlp=None):
@@ -67,11 +88,11 @@ def test_layer_flops_are_megatron_lm_counting():
 
 
 def test_model_flops_of_the_demo_by_hand():
-    config = load_config(DEMO, ["parallel.tp=1", "parallel.sequence_parallel=false"])
+    config = _toy("parallel.tp=1", "parallel.sequence_parallel=false")
     towers = tower_shapes(config, 1)
 
-    # Demo: vision 32 px / 8 px patches = 16 patches + class = 17 tokens, text 16 tokens,
-    # both h = 64, f = 256, 2 layers; d = 32; 128 pairs; 4 ranks of 32, 1 micro-batch.
+    # TOY: vision 16 patches + class = 17 tokens, text 16 tokens, both h = 64, f = 256,
+    # 2 layers; d = 32; 128 pairs; 4 ranks of 32, 1 micro-batch.
     def per_layer(s):  # 24 s h^2 + 4 s^2 h with h = 64, f = 4h
         return 24 * s * 64 * 64 + 4 * s * s * 64
 
@@ -119,7 +140,7 @@ def test_activations_adapted_to_this_model():
 
 
 def test_stage_params_at_tp1_equal_param_count():
-    config = load_config(DEMO, ["parallel.tp=1", "parallel.sequence_parallel=false"])
+    config = _toy("parallel.tp=1", "parallel.sequence_parallel=false")
     total, _ = stage_params(tower_shapes(config, 1), 1, 0)
     assert total == count_parameters(config.model, 1, "infonce").total
 
@@ -130,7 +151,7 @@ def _layout(tp=1, dp=4, micro_batch=32, accumulation=2):
 
 def test_zero3_state_is_18_bytes_per_parameter_over_dp():
     overrides = ["parallel.tp=1", "parallel.sequence_parallel=false", "optimizer.precision=bf16"]
-    config = load_config(DEMO, [*overrides, "parallel.gather=microbatch"])
+    config = _toy(*overrides, "parallel.gather=microbatch")
     psi = count_parameters(config.model, 1, "infonce").total
     mem = stage_memory(config, _layout(), 0)
     # ZeRO-3: (2 bf16 + 4 master) weights, 4 fp32 grads, 8 Adam, all over Nd = 4.
@@ -138,11 +159,11 @@ def test_zero3_state_is_18_bytes_per_parameter_over_dp():
     assert mem.grads == pytest.approx(4 * psi / 4)
     assert mem.optimizer == pytest.approx(8 * psi / 4)
     # gather: step keeps bf16 parameters (2 psi) and fp32 accumulated gradients (4 psi).
-    step = stage_memory(load_config(DEMO, [*overrides, "parallel.gather=step"]), _layout(), 0)
+    step = stage_memory(_toy(*overrides, "parallel.gather=step"), _layout(), 0)
     assert step.buffers == pytest.approx(2 * psi)
     assert step.grads == pytest.approx(4 * psi / 4 + 4 * psi)
     # zero 0 replicates everything: 18 psi.
-    zero0 = stage_memory(load_config(DEMO, [*overrides, "parallel.zero=0"]), _layout(), 0)
+    zero0 = stage_memory(_toy(*overrides, "parallel.zero=0"), _layout(), 0)
     assert zero0.weights + zero0.grads + zero0.optimizer == pytest.approx(18 * psi)
 
 
@@ -204,15 +225,12 @@ def test_simulated_passes_by_hand():
 
 
 def test_bytes_moved_per_step_by_hand():
-    config = load_config(
-        DEMO,
-        [
-            "optimizer.precision=bf16",
-            "parallel.tp=2",
-            "data.global_batch=256",
-            "parallel.gather=step",
-            "parallel.tp_comm_overlap=true",
-        ],
+    config = _toy(
+        "optimizer.precision=bf16",
+        "parallel.tp=2",
+        "data.global_batch=256",
+        "parallel.gather=step",
+        "parallel.tp_comm_overlap=true",
     )
     cluster = _cluster()  # 8 GPUs: tp 2, dp 4, micro-batch 32, accumulation 2
     plan = plan_layout(config, cluster)
@@ -242,7 +260,7 @@ def test_bytes_moved_per_step_by_hand():
 
 
 def test_step_time_adds_up():
-    config = load_config(DEMO, ["optimizer.precision=bf16", "data.global_batch=256"])
+    config = _toy("optimizer.precision=bf16", "data.global_batch=256")
     plan = plan_layout(config, _cluster())
     cost = plan.stage
     parts = cost.compute_s + cost.tp_exposed_s + cost.dp_exposed_s + cost.pp_s + cost.bubble_s

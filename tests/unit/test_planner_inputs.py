@@ -192,7 +192,8 @@ def test_calibration_not_json(tmp_path):
 def test_estimate_memory_gib_and_dry_run():
     config = load_config(DEMO)
     memory = estimate_memory_gib(config, 4)
-    keys = {"weights", "grads", "optimizer", "activations", "buffers", "reserved", "total"}
+    keys = {"weights", "grads", "optimizer", "activations", "workspace", "buffers", "reserved"}
+    keys.add("total")
     assert set(memory) == keys
     assert memory["total"] == pytest.approx(sum(memory[k] for k in keys - {"total"}))
     report = describe(config, 4)
