@@ -64,7 +64,7 @@ class _AllGatherRows(torch.autograd.Function):
         world = dist.get_world_size(group)
         rows = rows.contiguous()
         gathered = rows.new_empty((world * rows.shape[0], *rows.shape[1:]))
-        dist.all_gather_into_tensor(gathered, rows, group=group)  # [b, d] -> [B, d]
+        dist.all_gather_single(gathered, rows, group=group)  # [b, d] -> [B, d]
         return gathered
 
     @staticmethod
@@ -75,7 +75,7 @@ class _AllGatherRows(torch.autograd.Function):
             (grad_gathered.shape[0] // world, *grad_gathered.shape[1:])
         )
         # Every rank's loss depends on every row: the owner's gradient is the sum.
-        dist.reduce_scatter_tensor(
+        dist.reduce_scatter_single(
             grad_rows, grad_gathered, op=dist.ReduceOp.SUM, group=ctx.group
         )  # [B, d] -> [b, d]
         return grad_rows, None

@@ -255,9 +255,10 @@ def _step_global(model, micro_batches, config, device, group, grad_sync) -> _Ste
         grads = [image_grads[index].to(image_emb.dtype), text_grads[index].to(text_emb.dtype)]
         if index == count - 1:
             scale, bias = _scale_and_bias(model)
-            outputs.append(scale)
-            grads.append(scale_leaf.grad.to(scale.dtype).reshape(scale.shape))
-            if bias is not None and bias_leaf.grad is not None:
+            if scale.requires_grad:
+                outputs.append(scale)
+                grads.append(scale_leaf.grad.to(scale.dtype).reshape(scale.shape))
+            if bias is not None and bias.requires_grad and bias_leaf.grad is not None:
                 outputs.append(bias)
                 grads.append(bias_leaf.grad.to(bias.dtype).reshape(bias.shape))
         torch.autograd.backward(outputs, grads)

@@ -451,13 +451,64 @@ def test_global_mode_memory_does_not_grow_with_accumulation():
 
 
 def print_memory_table() -> None:
-    """The table of .notes/loss.md: peak live MiB per step at micro-batch 4."""
+    """The tables of .notes/loss.md: peak live MiB of one step, stand-in and real model."""
+    print("stand-in model (hidden 128, 64 tokens per image), micro-batch 4:")
     print("| accumulation A | global (MiB) | micro (MiB) | one pass over A*b (MiB) |")
     print("| --- | --- | --- | --- |")
     for accumulation in (1, 2, 4, 8):
         row = [peak_step_bytes(accumulation, 4, mode) / 2**20 for mode in ("global", "micro")]
         row.append(peak_step_bytes(accumulation, 4, None) / 2**20)
         print(f"| {accumulation} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+
+    import tempfile
+
+    from tests.helpers.dist import run_distributed
+
+    with tempfile.TemporaryDirectory() as folder:
+        (rows,) = run_distributed(_real_model_rows, 1, folder, 16, timeout_s=900)
+    print("real DualEncoder (hidden 64, 2 layers, 32 px / 8 px patches, context 16), b = 16:")
+    print("| accumulation A | B | global (MiB) | micro (MiB) | one pass over A*b (MiB) |")
+    print("| --- | --- | --- | --- | --- |")
+    for accumulation, values in rows:
+        cells = " | ".join(f"{v / 2**20:.2f}" for v in values)
+        print(f"| {accumulation} | {16 * accumulation} | {cells} |")
+
+
+def _real_model_rows(ctx, micro_batch: int):
+    """Peak live bytes of the real toy dual encoder's step, per accumulation count."""
+    from megatron_ibxl.models import build_dual_encoder
+
+    config = RunConfig()
+    vision, text = config.model.vision, config.model.text
+    vision.image_size, vision.patch_size = 32, 8
+    vision.hidden, vision.num_layers, vision.num_heads, vision.mlp_hidden = 64, 2, 4, 256
+    text.vocab_size, text.vocab_pad_multiple, text.context_length = 64, 8, 16
+    text.hidden, text.num_layers, text.num_heads, text.mlp_hidden = 64, 2, 4, 256
+    config.model.embed_dim = 32
+    model = build_dual_encoder(config)
+    rows = []
+    for accumulation in (1, 2, 4, 8):
+        generator = torch.Generator().manual_seed(accumulation)
+        count = micro_batch * accumulation
+        batch = Batch(
+            torch.randn(count, 3, 32, 32, generator=generator),
+            torch.randint(0, 64, (count, 16), generator=generator),
+            torch.randint(2, 17, (count,), generator=generator),
+        )
+        values = []
+        for negatives in ("global", "micro", None):
+            model.zero_grad(set_to_none=True)
+            config.loss.negatives = negatives or "global"
+            micro_batches = split(batch, accumulation)
+            meter = LiveBytes([*model.parameters(), batch.images, batch.tokens, batch.lengths])
+            with meter:
+                if negatives is None:
+                    one_pass_reference(model, batch)
+                else:
+                    train_step(model, micro_batches, config, SINGLE)
+            values.append(meter.peak)
+        rows.append((accumulation, values))
+    return rows
 
 
 if __name__ == "__main__":
