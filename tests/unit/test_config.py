@@ -70,7 +70,7 @@ def test_heads_not_divisible_by_tp():
 def test_hidden_not_divisible_by_heads():
     problems = _problems(["model.text.num_heads=6"], world_size=4)
     assert any(
-        p.startswith("model.text.num_heads=6: does not divide model.text.hidden=64")
+        p.startswith("model.text.num_heads=6: does not divide model.text.hidden=128")
         for p in problems
     )
 
