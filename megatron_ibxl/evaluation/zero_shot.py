@@ -18,6 +18,7 @@ Metric names follow the CLIP benchmark: `acc1`, `acc5` (fractions of images) and
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
@@ -54,7 +55,7 @@ def build_classifier(
     prompts = [
         fill_template(t, name) for name in class_names[span.start : span.stop] for t in templates
     ]
-    calls = -(-shard.share_size(len(class_names)) * num_templates // batch_size)
+    calls = math.ceil(shard.share_size(len(class_names)) * num_templates / batch_size)
     text_emb = embed_texts(prompts, towers, shard, batch_size, calls)  # [c * T, d]
 
     weights = torch.empty(0, 0, device=shard.device)
