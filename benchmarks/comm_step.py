@@ -20,9 +20,12 @@ with one of two methods, named in the output:
   collective while the caller waits (no streams), so the time waited is the time the
   collective took: comm_ms = exposed_comm_ms, and compute_ms = step_ms - exposed_comm_ms.
   The time includes waiting for the slowest rank to arrive. A wait that is not inside a
-  synchronous collective (an `async_op=True` collective waited on later) is counted under
-  `async_wait`; were there any, the collective could have run partly while the caller
-  computed, and comm_ms would be a lower bound.
+  synchronous collective is counted under `async_wait`: a collective started with
+  `async_op=True` and waited on later, such as the all-gather that Megatron-core's
+  sequence-parallel linear layers start in backward before computing the input gradient.
+  gloo progresses those on its own thread while the caller computes, so only their waited
+  part is seen, and with sequence parallelism comm_ms is a lower bound (exposed_comm_ms
+  is still exact).
 - `profiler` (CUDA, NCCL): torch.profiler records the kernels of each step. Kernels whose
   name contains `nccl` are communication, every other kernel is compute (memory copies and
   sets are neither). comm_ms is the length of the union of communication kernels,
@@ -324,12 +327,18 @@ def _measure_timing(steps, ctx, fetch, run) -> tuple[list[StepBreakdown], str]:
             )
     finally:
         timer.uninstall()
-    async_waits = sum(1 for row in rows if "async_wait" in row.comm_by_op_ms)
     note = (
         "timing: wall clock around every Work.wait on the training thread. gloo collectives "
-        "block the caller, so comm_ms = exposed_comm_ms (including waiting for the slowest "
-        f"rank); steps with an async wait: {async_waits}"
+        "block the caller, so comm_ms = exposed_comm_ms (including waiting for the slowest rank)"
     )
+    if any("async_wait" in row.comm_by_op_ms for row in rows):
+        # Megatron's sequence-parallel backward starts its all-gather with async_op=True and
+        # computes before waiting: gloo runs it meanwhile, and only the wait is seen here.
+        note += (
+            "; async_wait is the waited part of collectives started with async_op=True (on "
+            "gloo they progress while the caller computes), so for them comm_ms is a lower "
+            "bound"
+        )
     return rows, note
 
 

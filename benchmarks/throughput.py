@@ -426,7 +426,7 @@ def _print_report(report: dict) -> None:
         f"(excluded); load_avg_1m {' '.join(f'{x:.1f}' for x in report['load_avg_1m'])} on "
         f"{report['cpu_count']} CPUs"
     )
-    header = f"{'run':<32}{'torch':<15}{'pairs/s':>9}{'fwd+bwd_ms':>12}{'optim_ms':>10}  rounds"
+    header = f"{'run':<40}{'torch':<15}{'pairs/s':>9}{'fwd+bwd_ms':>12}{'optim_ms':>10}  rounds"
     print(header)
     labels = {
         "engine": "megatron-ibxl 1 proc (global)",
@@ -439,7 +439,7 @@ def _print_report(report: dict) -> None:
         if row is None:
             continue
         if "error" in row:
-            print(f"{label:<32}failed: {row['error']}")
+            print(f"{label:<40}failed: {row['error']}")
             continue
         if key == "layout":
             label = f"megatron-ibxl tp{row['layout']['tp']} dp{row['layout']['dp']} " + (
@@ -448,7 +448,7 @@ def _print_report(report: dict) -> None:
         phases = row["median_ms"]
         rounds = " ".join(f"{x:.1f}" for x in row.get("pairs_per_s_rounds", []))
         print(
-            f"{label:<32}{row['torch']:<15}{row['pairs_per_s']:>9.1f}"
+            f"{label:<40}{row['torch']:<15}{row['pairs_per_s']:>9.1f}"
             f"{phases.get('fwd_bwd_ms', float('nan')):>12.1f}"
             f"{phases.get('optimizer_ms', float('nan')):>10.1f}  {rounds}"
         )
