@@ -56,15 +56,17 @@ def set_threads(threads: int) -> None:
 
 
 def time_steps(step: StepFn, steps: int, warmup: int) -> dict[str, list[float]]:
-    """Run `step(k)` warmup + steps times; milliseconds of each measured step (`step_ms`)
-    and of each phase the step reports (`<phase>_ms`)."""
+    """Run `step(k)` warmup + steps times; wall milliseconds of each measured step
+    (`step_ms`) and of each phase the step reports (`<phase>_ms`), and the CPU milliseconds
+    the process used in each step (`step_cpu_ms`, all its threads)."""
     for k in range(warmup):
         step(k)
-    times: dict[str, list[float]] = {"step_ms": []}
+    times: dict[str, list[float]] = {"step_ms": [], "step_cpu_ms": []}
     for k in range(warmup, warmup + steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         phases = step(k)
         times["step_ms"].append(1e3 * (time.perf_counter() - start))
+        times["step_cpu_ms"].append(1e3 * (time.process_time() - start_cpu))
         for name, seconds in phases.items():
             times.setdefault(f"{name}_ms", []).append(1e3 * seconds)
     return times
@@ -81,10 +83,13 @@ def profile_table(step: StepFn, steps: int, row_limit: int = 25) -> str:
 
 
 def summarize(times: dict[str, list[float]], global_batch: int) -> dict:
-    """Medians of the step and phase times, and pairs per second from the median step."""
+    """Medians of the step and phase times; pairs per wall second and per CPU second of
+    the process (which other processes on a shared machine disturb far less), from the
+    median step."""
     medians = {key: statistics.median(values) for key, values in times.items()}
     return {
         "pairs_per_s": global_batch / (medians["step_ms"] / 1e3),
+        "pairs_per_cpu_s": global_batch / (medians["step_cpu_ms"] / 1e3),
         "median_ms": medians,
         "step_ms": times["step_ms"],
     }

@@ -159,11 +159,14 @@ def run_engine_worker(args: argparse.Namespace) -> int:
 
 
 def _slowest_rank(times: dict[str, list[float]], dist) -> dict[str, list[float]]:
-    """Each step's times, the maximum over ranks (the slowest rank sets the pace)."""
-    keys = sorted(times)
-    table = torch.tensor([times[key] for key in keys], dtype=torch.float64)  # [keys, steps]
+    """Each step's wall times, the maximum over ranks (the slowest rank sets the pace), and
+    its CPU time summed over ranks (the CPU the whole job spent on the step)."""
+    wall = sorted(key for key in times if key != "step_cpu_ms")
+    table = torch.tensor([times[key] for key in wall], dtype=torch.float64)  # [keys, steps]
     dist.all_reduce(table, op=dist.ReduceOp.MAX)  # [keys, steps], max over ranks
-    return {key: row.tolist() for key, row in zip(keys, table)}
+    cpu = torch.tensor(times["step_cpu_ms"], dtype=torch.float64)  # [steps]
+    dist.all_reduce(cpu, op=dist.ReduceOp.SUM)  # [steps], summed over ranks
+    return {**{key: row.tolist() for key, row in zip(wall, table)}, "step_cpu_ms": cpu.tolist()}
 
 
 def _engine_step(config, layout, ctx, batches) -> tuple[Callable[[int], dict], int]:
@@ -323,8 +326,9 @@ def _combine(results: list[dict]) -> dict:
     if not good:
         return {"error": results[0]["error"] if results else "not run"}
     combined = {k: v for k, v in good[0].items() if k != "step_ms"}
-    combined["pairs_per_s_rounds"] = [r["pairs_per_s"] for r in good]
-    combined["pairs_per_s"] = statistics.median(combined["pairs_per_s_rounds"])
+    for key in ("pairs_per_s", "pairs_per_cpu_s"):
+        combined[f"{key}_rounds"] = [r[key] for r in good]
+        combined[key] = statistics.median(combined[f"{key}_rounds"])
     combined["median_ms"] = {
         key: statistics.median(r["median_ms"][key] for r in good) for key in good[0]["median_ms"]
     }
@@ -426,7 +430,8 @@ def _print_report(report: dict) -> None:
         f"(excluded); load_avg_1m {' '.join(f'{x:.1f}' for x in report['load_avg_1m'])} on "
         f"{report['cpu_count']} CPUs"
     )
-    header = f"{'run':<40}{'torch':<15}{'pairs/s':>9}{'fwd+bwd_ms':>12}{'optim_ms':>10}  rounds"
+    header = f"{'run':<40}{'torch':<15}{'pairs/s':>9}{'pairs/cpu_s':>12}{'fwd+bwd_ms':>12}"
+    header += f"{'optim_ms':>10}  pairs/s by round"
     print(header)
     labels = {
         "engine": "megatron-ibxl 1 proc (global)",
@@ -449,6 +454,7 @@ def _print_report(report: dict) -> None:
         rounds = " ".join(f"{x:.1f}" for x in row.get("pairs_per_s_rounds", []))
         print(
             f"{label:<40}{row['torch']:<15}{row['pairs_per_s']:>9.1f}"
+            f"{row['pairs_per_cpu_s']:>12.1f}"
             f"{phases.get('fwd_bwd_ms', float('nan')):>12.1f}"
             f"{phases.get('optimizer_ms', float('nan')):>10.1f}  {rounds}"
         )
@@ -456,8 +462,12 @@ def _print_report(report: dict) -> None:
         engine, other = report.get(key, {}), report.get("open_clip", {})
         if "pairs_per_s" in engine and "pairs_per_s" in other:
             ratio = engine["pairs_per_s"] / other["pairs_per_s"]
+            ratio_cpu = engine["pairs_per_cpu_s"] / other["pairs_per_cpu_s"]
             report[f"ratio_{key}_to_open_clip"] = ratio
-            print(f"ratio {labels[key]} / open_clip: {ratio:.2f}")
+            report[f"ratio_cpu_{key}_to_open_clip"] = ratio_cpu
+            print(
+                f"ratio {labels[key]} / open_clip: {ratio:.2f} (wall), {ratio_cpu:.2f} (CPU time)"
+            )
     for name, table in report.get("profiles", {}).items():
         print(f"\n## profile: {name} (top operators by self CPU time)\n{table}")
 
