@@ -72,8 +72,8 @@ class DualEncoder(nn.Module):
         return self.encode_image(images), self.encode_text(tokens, lengths)
 
     def scale(self) -> torch.Tensor:
-        """exp(min(logit_scale, logit_scale_max)), a `[]` tensor. The clamp is a straight
-        `minimum`, so the gradient still flows at and below the limit."""
+        """exp(clamp(logit_scale, max=logit_scale_max)), a `[]` tensor. The gradient flows
+        while logit_scale is at or below the limit and is zero above it."""
         return torch.exp(torch.clamp(self.logit_scale, max=self.logit_scale_max))
 
 

@@ -3,12 +3,13 @@
 One spawn of 4 processes (each spawn costs tens of seconds on the shared CI machine). Inside
 it, Megatron-core's parallel state is rebuilt three times: tp=1 computes the reference, then
 tp=2 (two tp groups, dp=2) and tp=4 rebuild the same model (same init seed, so the same
-full-size weights) under every combination of sequence parallelism and activation
-checkpointing. Embeddings, initial weights and gradients, gathered to full shape, must match
-the reference within 1e-5 relative (norm-wise) in fp32: tensor parallelism reorders the sums
-of the row-parallel matmuls and all-reduces, so results differ from tp=1 by float32 rounding
-(about 1e-7 relative), not bit for bit. Comparisons run inside the workers; only the errors
-come back.
+full-size weights) with and without sequence parallelism and under each activation checkpointing
+mode (the full matrix for one tower variant, see CASES). Embeddings, initial weights and
+gradients, gathered to full shape, must match the reference within 1e-5 relative (norm-wise) in
+fp32: tensor parallelism reorders the sums of the row-parallel matmuls and all-reduces, so
+results differ from tp=1 by float32 rounding (about 1e-7 relative), not bit for bit.
+Comparisons run inside the workers; only the errors come back. With dropout on, recompute must
+replay the same masks: same gradients as without.
 
 Odd lengths on purpose: captions have 11 token positions and images 3 x 3 = 9 patches (10
 tokens with the class token), neither a multiple of 4 and mostly not of 2, so sequence
@@ -33,8 +34,13 @@ CONTEXT = 11
 LENGTHS = [11, 5, 1, 7]
 LAYERS = 2
 RECOMPUTE = ("none", "selective", "full")
-VARIANTS = ("cls_conv", "mean_linear")
-CASES = [(sp, recompute) for sp in (False, True) for recompute in RECOMPUTE]
+# (sequence_parallel, recompute) per tower variant: the full matrix for the class-token
+# model; the mean-pooled one (9 tokens, odd for every tp) with and without SP, to keep the
+# file within a few minutes of CPU time.
+CASES = {
+    "cls_conv": [(sp, recompute) for sp in (False, True) for recompute in RECOMPUTE],
+    "mean_linear": [(False, "none"), (True, "none"), (True, "full")],
+}
 TOLERANCE = 1e-5
 
 
@@ -109,9 +115,13 @@ def _full_grads(model) -> dict[str, torch.Tensor]:
     return gather_full_parameters(model, which="grad")
 
 
-def _run_case(variant, sequence_parallel, recompute) -> dict:
-    """Build, embed the batch, back-propagate a symmetric InfoNCE loss; full-size results."""
-    model = build_dual_encoder(_config(variant, sequence_parallel, recompute))
+def _run_case(variant, sequence_parallel, recompute, dropout=0.0) -> dict:
+    """Build, embed the batch, back-propagate a symmetric InfoNCE loss; full-size results.
+    The RNG streams are reset first, so runs with dropout draw the same masks."""
+    config = _config(variant, sequence_parallel, recompute)
+    config.model.hidden_dropout = config.model.attention_dropout = dropout
+    model = build_dual_encoder(config)
+    install_cpu_rng_tracker(1, parallel_state.get_tensor_model_parallel_rank())
     _COUNTS.update(core=0, layer=0)
     image_emb, text_emb = model(*_batch())
     logits = model.scale() * image_emb @ text_emb.T  # [b, d] @ [d, b] -> [b, b]
@@ -175,29 +185,50 @@ def _truncated_change() -> float:
     return delta.abs().max().item()
 
 
+def _check_dropout_recompute(report, prefix, sequence_parallel) -> None:
+    """With dropout, recompute must replay the same masks (Megatron's checkpoint restores the
+    RNG states, the CPU tracker included): the same gradients as without recompute. Returns
+    the text embeddings of the run without recompute."""
+    runs = {r: _run_case("cls_conv", sequence_parallel, r, dropout=0.1) for r in RECOMPUTE}
+    for recompute in ("selective", "full"):
+        label = f"{prefix} dropout recompute={recompute}"
+        report["errors"][label] = _errors(runs[recompute], runs["none"])
+    return runs["none"]["text_emb"]
+
+
 def _all_layouts(ctx) -> dict:
     """tp=1 reference, then tp=2 and tp=4; returns errors and recompute call counts only."""
     _install_counters()
     report = {"errors": {}, "counts": {}}
 
     _use_tp(1)
-    reference = {(v, r): _run_case(v, False, r) for v in VARIANTS for r in RECOMPUTE}
+    reference = {
+        (variant, recompute): _run_case(variant, False, recompute)
+        for variant, cases in CASES.items()
+        for recompute in RECOMPUTE
+        if (False, recompute) in cases
+    }
     for (variant, recompute), result in reference.items():
         label = f"tp1 {variant} recompute={recompute}"
         report["counts"][label] = (recompute, result["counts"])
         report["errors"][label] = _errors(result, reference[(variant, "none")])
+    dropped = _check_dropout_recompute(report, "tp1", sequence_parallel=False)
+    # The dropout runs must differ from the deterministic ones, or the check above is empty.
+    report["dropout_effect"] = _relative_error(dropped, reference[("cls_conv", "none")]["text_emb"])
     batch_tp1, alone = _prefix_embeddings(False)
     report["errors"]["tp1 pooling"] = {"padded vs alone": _relative_error(batch_tp1, alone)}
     report["truncated_change"] = _truncated_change()
 
     for tp in (2, 4):
         _use_tp(tp)
-        for variant in VARIANTS:
-            for sp, recompute in CASES:
+        for variant, cases in CASES.items():
+            for sp, recompute in cases:
                 label = f"tp{tp} {variant} sp={sp} recompute={recompute}"
                 result = _run_case(variant, sp, recompute)
                 report["counts"][label] = (recompute, result["counts"])
                 report["errors"][label] = _errors(result, reference[(variant, "none")])
+        if tp == 2:
+            _check_dropout_recompute(report, "tp2", sequence_parallel=True)
         batch, alone = _prefix_embeddings(True)
         report["errors"][f"tp{tp} sp pooling"] = {
             "padded vs alone": _relative_error(batch, alone),
@@ -211,7 +242,8 @@ def _all_layouts(ctx) -> dict:
 def reports(tmp_path_factory):
     parallel = ParallelConfig(tp=4, backend="gloo", timeout_s=120)
     path = tmp_path_factory.mktemp("towers")
-    return run_distributed(_all_layouts, 4, path, parallel=parallel, timeout_s=900)
+    # Under a minute of CPU time; the generous limit is for a shared, overloaded machine.
+    return run_distributed(_all_layouts, 4, path, parallel=parallel, timeout_s=1800)
 
 
 def _assert_within_tolerance(reports, prefix: str) -> None:
@@ -254,6 +286,12 @@ def test_tp2_matches_tp1_with_and_without_sequence_parallel(reports):
 def test_tp4_matches_tp1_with_and_without_sequence_parallel(reports):
     _assert_within_tolerance(reports, "tp4 ")
     _assert_recompute_counts(reports, "tp4 ")
+
+
+def test_recompute_replays_dropout_masks(reports):
+    for prefix in ("tp1 dropout", "tp2 dropout"):
+        _assert_within_tolerance(reports, prefix)
+    assert reports[0]["dropout_effect"] > 1e-3
 
 
 def test_sequence_parallel_pooling_ignores_padding(reports):
