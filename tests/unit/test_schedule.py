@@ -30,8 +30,8 @@ def test_lr_formula_by_hand():
     # The end of the cosine and beyond stay at the minimum.
     assert lr_at(12, 1.0, 4, 12, 0.1) == pytest.approx(0.1)
     assert lr_at(50, 1.0, 4, 12, 0.1) == 0.1
-    # No warmup: the first step already uses the cosine's start, the peak.
-    assert lr_at(0, 1.0, 0, 10, 0.0) == 1.0
+    # No warmup: the cosine starts at the peak before step 1; step 1 is 1/10 along it.
+    assert lr_at(1, 1.0, 0, 10, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 10)))
 
 
 def test_scheduler_drives_the_optimizer_lr():
@@ -97,7 +97,7 @@ def test_clip_to_the_global_norm_and_skip_non_finite():
     for param in model.parameters():
         param.grad = torch.full_like(param, 2.0)
     result = clip_and_step(model, optimizer, scheduler, config, None, loss=1.0)
-    assert not result.skipped and result.lr == 0.5
+    assert not result.skipped and result.lr == pytest.approx(lr_at(1, 0.5, 0, 12, 0.1))
     assert result.grad_norm == pytest.approx(2.0 * math.sqrt(count))
     assert scheduler.last_epoch == 1
     # The logit scale was clamped after the update (it stays below ln 100 here anyway).
