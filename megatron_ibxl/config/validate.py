@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from megatron_ibxl.config.core import RunConfig
@@ -79,7 +80,12 @@ def _check_parallel(config: RunConfig, world_size: int, problems: list[str]) -> 
 
 def _check_tower(name: str, hidden: int, heads: int, mlp: int, tp: int, problems: list[str]):
     key = f"model.{name}"
-    if heads < 1 or hidden % heads:
+    for field, value in (("hidden", hidden), ("num_heads", heads), ("mlp_hidden", mlp)):
+        if value < 1:
+            problems.append(f"{key}.{field}={value}: must be at least 1")
+    if heads < 1 or hidden < 1:
+        return
+    if hidden % heads:
         problems.append(
             f"{key}.num_heads={heads}: does not divide {key}.hidden={hidden}; "
             f"use num_heads in {_divisors(hidden)}"
@@ -100,6 +106,9 @@ def _check_model(config: RunConfig, tp: int, problems: list[str]) -> None:
     vision, text, model = config.model.vision, config.model.text, config.model
     _check_tower("vision", vision.hidden, vision.num_heads, vision.mlp_hidden, tp, problems)
     _check_tower("text", text.hidden, text.num_heads, text.mlp_hidden, tp, problems)
+    for name, layers in (("vision", vision.num_layers), ("text", text.num_layers)):
+        if layers < 1:
+            problems.append(f"model.{name}.num_layers={layers}: must be at least 1")
     if vision.patch_size < 1 or vision.image_size % vision.patch_size:
         problems.append(
             f"model.vision.image_size={vision.image_size}: does not divide by "
@@ -184,8 +193,10 @@ def _check_batch(config: RunConfig, dp: int, problems: list[str]) -> int:
 
 def _check_training(config: RunConfig, problems: list[str]) -> None:
     opt, sched = config.optimizer, config.schedule
-    if opt.lr <= 0:
-        problems.append(f"optimizer.lr={opt.lr}: must be > 0")
+    if not math.isfinite(opt.lr) or opt.lr <= 0:
+        problems.append(f"optimizer.lr={opt.lr}: must be a finite number > 0")
+    if not math.isfinite(opt.weight_decay) or opt.weight_decay < 0:
+        problems.append(f"optimizer.weight_decay={opt.weight_decay}: must be finite and >= 0")
     if opt.clip_grad < 0:
         problems.append(f"optimizer.clip_grad={opt.clip_grad}: must be >= 0 (0 disables it)")
     if not (0 <= opt.beta1 < 1 and 0 <= opt.beta2 < 1):

@@ -65,7 +65,9 @@ def _memory_estimate(config, world_size: int) -> dict | None:
 def run(args) -> int:
     """Load and validate `args.config` for the launcher's world size and print the report."""
     config = load_config(args.config, args.overrides)
-    world_size = args.world_size or detect_launch_env().world_size
+    world_size = args.world_size
+    if world_size is None:
+        world_size = detect_launch_env().world_size
     report = describe(config, world_size)
     if detect_launch_env().rank == 0:
         print(json.dumps(report, indent=2), file=sys.stdout)

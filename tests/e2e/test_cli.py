@@ -67,6 +67,12 @@ def test_bad_config_exits_2(overrides, key):
     )
 
 
+def test_world_size_zero_is_reported_as_zero():
+    proc = _cli("train", "--config", DEMO, "--dry-run", "--world-size", "0")
+    assert proc.returncode == 2
+    assert "world size 0: must be at least 1" in proc.stderr
+
+
 def test_unparsable_yaml_exits_2(tmp_path):
     bad = tmp_path / "broken.yaml"
     bad.write_text("parallel: {tp: 2\n")

@@ -114,3 +114,20 @@ def test_yaml_that_does_not_parse(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_non_positive_sizes_and_non_finite_rates():
+    problems = _problems(
+        [
+            "model.vision.hidden=-128",
+            "model.text.num_layers=0",
+            "optimizer.lr=.inf",
+            "optimizer.weight_decay=-1",
+        ],
+        world_size=4,
+    )
+    text = "\n".join(problems)
+    assert "model.vision.hidden=-128: must be at least 1" in text
+    assert "model.text.num_layers=0: must be at least 1" in text
+    assert "optimizer.lr=inf: must be a finite number > 0" in text
+    assert "optimizer.weight_decay=-1.0: must be finite and >= 0" in text
