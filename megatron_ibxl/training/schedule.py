@@ -64,6 +64,15 @@ class WarmupCosineSchedule(LRScheduler):
         """One learning rate per param group (all the same)."""
         return [self.current_lr() for _ in self.optimizer.param_groups]
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the step counters of a checkpoint but keep this schedule's shape (peak,
+        warmup, total, minimum) from the config, so a run resumed with a longer
+        `schedule.total_steps` follows the new cosine instead of the saved one."""
+        shape = {k: getattr(self, k) for k in ("peak_lr", "warmup_steps", "total_steps", "min_lr")}
+        super().load_state_dict(state_dict)
+        self.__dict__.update(shape)
+        self._last_lr = self.get_lr()
+
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig) -> WarmupCosineSchedule:
     """The warmup-cosine schedule of `config.schedule` around `optimizer` (peak

@@ -126,3 +126,21 @@ def test_clipping_scales_gradients_to_the_threshold():
     # The logit scale is clamped after the update, but 2 - step stays far below ln 100.
     torch.testing.assert_close(deltas, torch.full_like(deltas, step))
     assert deltas.square().sum().sqrt().item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_resume_keeps_the_configured_schedule_shape():
+    # A run saved under total_steps=6 and resumed with total_steps=40 follows the new cosine:
+    # after 6 steps the lr is lr_at(7, ...) of the 40-step schedule, not the saved minimum.
+    model = torch.nn.Linear(2, 2)
+    saved = build_scheduler(
+        torch.optim.AdamW(model.parameters()), _config(lr=1.0, warmup=1, total=6, min_lr=0.01)
+    )
+    for _ in range(6):
+        saved.step()
+    resumed_config = _config(lr=1.0, warmup=1, total=40, min_lr=0.01)
+    resumed = build_scheduler(torch.optim.AdamW(model.parameters()), resumed_config)
+    resumed.load_state_dict(saved.state_dict())
+    assert resumed.last_epoch == 6 and resumed.total_steps == 40
+    expected = lr_at(7, resumed_config.optimizer.lr, 1, 40, resumed_config.schedule.min_lr)
+    assert resumed.get_last_lr() == [pytest.approx(expected)]
+    assert expected > resumed_config.schedule.min_lr * 10
