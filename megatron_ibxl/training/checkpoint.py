@@ -291,8 +291,8 @@ def load_checkpoint(
         _fill_optimizer(optimizer, params, targets)
         if scheduler is not None and meta.get("scheduler") is not None:
             scheduler.load_state_dict(meta["scheduler"])
-            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
-                group["lr"] = lr
+            for group in optimizer.param_groups:
+                group["lr"] = scheduler.get_last_lr()[0]
     extra = meta.get("extra") or {}
     own = _rank_state(path, meta, ctx)
     if optimizer is not None:

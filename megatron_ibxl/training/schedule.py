@@ -67,10 +67,14 @@ class WarmupCosineSchedule(LRScheduler):
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore the step counters of a checkpoint but keep this schedule's shape (peak,
         warmup, total, minimum) from the config, so a run resumed with a longer
-        `schedule.total_steps` follows the new cosine instead of the saved one."""
+        `schedule.total_steps` follows the new cosine instead of the saved one. The saved
+        state may come from another number of param groups (zero 0 and zero 3 group the
+        parameters differently); every group gets the same lr."""
         shape = {k: getattr(self, k) for k in ("peak_lr", "warmup_steps", "total_steps", "min_lr")}
+        base_lrs = self.base_lrs
         super().load_state_dict(state_dict)
         self.__dict__.update(shape)
+        self.base_lrs = base_lrs
         self._last_lr = self.get_lr()
 
 

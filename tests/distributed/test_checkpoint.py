@@ -12,8 +12,11 @@ import torch
 
 from megatron_ibxl.config import ParallelConfig
 from megatron_ibxl.training.checkpoint import find_latest, load_checkpoint, save_checkpoint
-from tests.distributed.train_helpers import Run, global_batch, make_config
+from tests.distributed.train_helpers import Run, global_batch, make_config, relayout
 from tests.helpers.dist import run_distributed
+
+_TIMEOUT_S = 1800
+"""Generous: process start-up dominates, and takes minutes on a loaded two-core machine."""
 
 
 def _parallel(tp: int) -> ParallelConfig:
@@ -54,20 +57,23 @@ def _first_half(ctx, run_dir):
     return run.finish()
 
 
-def _second_half(ctx, run_dir):
+def _second_half_then_straight(ctx, run_dir, store):
+    """Resume and finish; then, in a fresh process group with a fresh start's seeds, the
+    uninterrupted reference run."""
     config = _resume_config(ctx)
     run = Run(config, ctx)
     extra = load_checkpoint(find_latest(run_dir), run.model, run.optimizer, run.scheduler, ctx)
     for step in range(extra["step"] + 1, 7):
         run.step(step)
-    trained = run.finish()
-    return trained, extra
+    resumed = run.finish()
+    return resumed, extra, _straight(relayout(ctx, 1, store))
 
 
 def test_resume_is_exact(tmp_path):
-    straight = run_distributed(_straight, 2, _folder(tmp_path, "a"), parallel=_parallel(1))[0]
     run_dir = tmp_path / "run"
-    run_distributed(_first_half, 2, _folder(tmp_path, "b"), run_dir, parallel=_parallel(1))
+    run_distributed(
+        _first_half, 2, _folder(tmp_path, "b"), run_dir, parallel=_parallel(1), timeout_s=_TIMEOUT_S
+    )
     checkpoints = run_dir / "checkpoints"
     # keep_last=2 pruned step_1; `latest` names the newest.
     assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_2", "step_3"]
@@ -76,9 +82,15 @@ def test_resume_is_exact(tmp_path):
     assert meta["layout"] == {"tp": 1, "dp": 2, "pp": 1, "world_size": 2}
 
     results = run_distributed(
-        _second_half, 2, _folder(tmp_path, "c"), run_dir, parallel=_parallel(1)
+        _second_half_then_straight,
+        2,
+        _folder(tmp_path, "c"),
+        run_dir,
+        tmp_path / "store-straight",
+        parallel=_parallel(1),
+        timeout_s=_TIMEOUT_S,
     )
-    resumed, extra = results[0]
+    resumed, extra, straight = results[0]
     assert extra == {"step": 3, "samples": 24, "data": {"epoch": 0, "offset": 24}}
     # Identical, not merely close: same layout, same reduction order, restored RNG streams
     # (dropout 0.1 draws from them), restored AdamW moments and schedule position.
@@ -99,7 +111,8 @@ def _probe_embeddings(run) -> dict[str, np.ndarray]:
     return {"image": image_emb.float().numpy().copy(), "text": text_emb.float().numpy().copy()}
 
 
-def _write(ctx, run_dir):
+def _write_then_read(ctx, run_dir, store):
+    """Write with tp=2 dp=2; then, over the same processes, read with tp=1 dp=4."""
     config = make_config(tp=ctx.tp, dp=ctx.dp, zero=3)
     run = Run(config, ctx)
     for step in (1, 2):
@@ -107,7 +120,8 @@ def _write(ctx, run_dir):
     save_checkpoint(run_dir, 2, run.model, run.optimizer, run.scheduler, {}, config, ctx)
     after_two = _probe_embeddings(run)
     run.step(3)
-    return after_two, _probe_embeddings(run)
+    written = (after_two, _probe_embeddings(run))
+    return written, _read(relayout(ctx, 1, store), run_dir, 3)
 
 
 def _read(ctx, run_dir, zero):
@@ -124,15 +138,23 @@ def _read(ctx, run_dir, zero):
 
 def test_reshard_into_other_layouts(tmp_path):
     run_dir = tmp_path / "run"
-    written = run_distributed(_write, 4, _folder(tmp_path, "w"), run_dir, parallel=_parallel(2))
-    expected_two, expected_three = written[0]
+    four = run_distributed(
+        _write_then_read,
+        4,
+        _folder(tmp_path, "w"),
+        run_dir,
+        tmp_path / "store-read",
+        parallel=_parallel(2),
+        timeout_s=_TIMEOUT_S,
+    )
+    (expected_two, expected_three), _ = four[0]
+    one = run_distributed(
+        _read, 1, _folder(tmp_path, "r"), run_dir, 0, parallel=_parallel(1), timeout_s=_TIMEOUT_S
+    )
     # fp32 with another tp (split GEMMs, other all-reduce order): a few ulps of O(1) values.
     close = dict(rtol=1e-5, atol=2e-6)
-    for label, world, zero in (("tp1-dp4", 4, 3), ("tp1-dp1", 1, 0)):
-        results = run_distributed(
-            _read, world, _folder(tmp_path, label), run_dir, zero, parallel=_parallel(1)
-        )
-        for weights_only, after_two, after_three, extra in results:
+    for reads in ([read for _, read in four], one):
+        for weights_only, after_two, after_three, extra in reads:
             assert extra["step"] == 2
             for key in ("image", "text"):
                 np.testing.assert_allclose(weights_only[key], expected_two[key], **close)

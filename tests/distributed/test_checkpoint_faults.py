@@ -77,7 +77,9 @@ def _load_previous(ctx, run_dir):
     return latest.name, extra["step"], params, interrupted_error
 
 
-def test_killed_during_write_keeps_previous_checkpoint(tmp_path):
+def test_killed_write_nan_step_and_damaged_checkpoints(tmp_path):
+    """One job is killed while writing step 4's checkpoint; new processes then resume from
+    step 2, skip a NaN step, and reject damaged or foreign checkpoint folders."""
     run_dir, marker_dir = tmp_path / "run", tmp_path / "markers"
     marker_dir.mkdir()
     context = mp.get_context("spawn")
@@ -106,11 +108,18 @@ def test_killed_during_write_keeps_previous_checkpoint(tmp_path):
     assert (checkpoints / "latest").read_text().strip() == "step_2"
     assert find_latest(run_dir) == checkpoints / "step_2"
 
+    # New processes: load what `latest` names, then the NaN step and the damaged folders.
     (tmp_path / "reload").mkdir()
     results = run_distributed(
-        _load_previous, WORLD, tmp_path / "reload", run_dir, parallel=_parallel()
+        _reload_then_faults,
+        WORLD,
+        tmp_path / "reload",
+        run_dir,
+        tmp_path / "damaged",
+        parallel=_parallel(),
+        timeout_s=1800,
     )
-    name, step, params, interrupted_error = results[0]
+    name, step, params, interrupted_error = results[0][0]
     assert (name, step) == ("step_2", 2)
     assert "incomplete" in interrupted_error and ".tmp-step_4" in interrupted_error
     saved = np.load(marker_dir / "step2.npz")
@@ -118,9 +127,14 @@ def test_killed_during_write_keeps_previous_checkpoint(tmp_path):
         assert np.array_equal(params[key], saved[key]), key
     # The next save cleared the interrupted write and, with keep_last=1, the old step.
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_3"]
+    _check_faults([faults for _, faults in results])
 
 
-# Damaged and foreign folders, and a NaN loss, in one process group.
+def _reload_then_faults(ctx, run_dir, root):
+    return _load_previous(ctx, run_dir), _faults(ctx, root)
+
+
+# Damaged and foreign folders, and a NaN loss.
 
 
 def _damage(root, good):
@@ -204,9 +218,8 @@ def _faults(ctx, root):
     )
 
 
-def test_nan_step_is_skipped_and_bad_checkpoints_are_one_line_errors(tmp_path):
-    root = tmp_path / "run"
-    results = run_distributed(_faults, WORLD, tmp_path, root, parallel=_parallel())
+def _check_faults(results):
+    """A NaN step is skipped and training continues; bad folders give one-line errors."""
     for record, unchanged, same_as_clean, skipped_steps, errors, expected in results:
         assert record.skipped == [False, False, True, False, False]
         assert not np.isfinite(record.losses[2])

@@ -17,21 +17,59 @@ is still far below one step's update (lr 1e-3 against weights of order 0.02-1).
 import numpy as np
 
 from megatron_ibxl.config import ParallelConfig
-from tests.distributed.train_helpers import Run, make_config
+from tests.distributed.train_helpers import Run, make_config, relayout
 from tests.helpers.dist import run_distributed
 
 STEPS = 5
 CLIP = 0.05
 
 
-def _train(ctx, zero: int, gather: str, accumulation: int):
+def _train(ctx, zero: int, gather: str, accumulation: int, sequence_parallel: bool = False):
     config = make_config(
-        tp=ctx.tp, dp=ctx.dp, zero=zero, gather=gather, accumulation=accumulation, clip_grad=CLIP
+        tp=ctx.tp,
+        dp=ctx.dp,
+        zero=zero,
+        gather=gather,
+        accumulation=accumulation,
+        clip_grad=CLIP,
+        sequence_parallel=sequence_parallel,
     )
     run = Run(config, ctx)
     for step in range(1, STEPS + 1):
         run.step(step)
     return run.finish()
+
+
+def _two_ranks(ctx):
+    """dp=2 zero 3; then dp=2 zero 3 with accumulation 2 and gather=microbatch."""
+    return {
+        "dp=2 zero3": _train(ctx, 3, "step", 1),
+        "dp=2 zero3 accumulation=2 gather=microbatch": _train(ctx, 3, "microbatch", 2),
+    }
+
+
+def _four_ranks(ctx, store):
+    """tp=2 dp=2 zero 3 with sequence parallelism (its norms' gradients are summed over tp);
+    then, over the same processes, tp=1 dp=4 zero 3 accumulation 2."""
+    results = {"tp=2 sp dp=2 zero3": _train(ctx, 3, "step", 1, sequence_parallel=True)}
+    ctx = relayout(ctx, 1, store)
+    results["dp=4 zero3 accumulation=2"] = _train(ctx, 3, "step", 2)
+    return results
+
+
+def _comparable(name: str, value: np.ndarray) -> np.ndarray:
+    """The parameter without its attention key bias.
+
+    The key bias has an exactly zero gradient: it adds q_i . b_k to every score of query i,
+    a constant over the keys that the softmax removes. Its computed gradient is rounding
+    noise (about 1e-9), which AdamW's normalisation turns into updates of +-lr in random
+    directions, so it can be compared by no tolerance. Megatron-core lays the fused QKV out
+    per head as [q, k, v] (num_query_groups = num_heads here): [3h] -> [n, 3, h/n].
+    """
+    if not name.endswith("self_attention.linear_qkv.bias"):
+        return value
+    heads = make_config().model.vision.num_heads  # both towers of the tiny model
+    return np.delete(value.reshape(heads, 3, -1), 1, axis=1)
 
 
 def _relative_error(value: np.ndarray, reference: np.ndarray) -> float:
@@ -42,7 +80,12 @@ def _relative_error(value: np.ndarray, reference: np.ndarray) -> float:
 def _assert_matches(trained, reference, label: str) -> None:
     assert trained.params.keys() == reference.params.keys(), label
     worst = max(
-        (_relative_error(trained.params[name], reference.params[name]), name)
+        (
+            _relative_error(
+                _comparable(name, trained.params[name]), _comparable(name, reference.params[name])
+            ),
+            name,
+        )
         for name in reference.params
     )
     assert worst[0] < 1e-5, f"{label}: {worst[1]} differs by {worst[0]:.2e} relative"
@@ -51,43 +94,26 @@ def _assert_matches(trained, reference, label: str) -> None:
     assert trained.lrs == reference.lrs
 
 
-def _fresh(tmp_path, label: str):
-    """A folder per process group: the helper's rendezvous file must not be reused."""
-    folder = tmp_path / label.replace(" ", "_").replace("=", "")
-    folder.mkdir()
-    return folder
+def test_zero3_layouts_match_single_process(tmp_path):
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir(), (tmp_path / "four").mkdir()
+    reference = run_distributed(_train, 1, tmp_path / "one", 0, "step", 1, timeout_s=1800)[0]
+    # Clipping is active in every step of every layout (they share the reference's norms).
+    assert min(reference.grad_norms) > CLIP
+    assert not any(reference.skipped)
+
+    two = run_distributed(_two_ranks, 2, tmp_path / "two", parallel=_parallel(1), timeout_s=1800)
+    four = run_distributed(
+        _four_ranks,
+        4,
+        tmp_path / "four",
+        tmp_path / "store-relayout",
+        parallel=_parallel(2),
+        timeout_s=1800,
+    )
+    for rank, layouts in enumerate(two + four):
+        for label, trained in layouts.items():
+            _assert_matches(trained, reference, f"{label} (rank {rank % 4})")
 
 
 def _parallel(tp: int) -> ParallelConfig:
     return ParallelConfig(tp=tp, backend="gloo", timeout_s=600)
-
-
-def test_zero3_layouts_match_single_process(tmp_path):
-    reference = run_distributed(
-        _train, 1, _fresh(tmp_path, "reference"), 0, "step", 1, timeout_s=900
-    )[0]
-    # Clipping is active in every step of every layout (they share the reference's norms).
-    assert min(reference.grad_norms) > CLIP
-    assert not any(reference.skipped)
-    # The parameters moved: five steps are not a no-op.
-    assert reference.lrs[0] > 0
-
-    layouts = [
-        ("dp=2 zero3", 2, 1, "step", 1),
-        ("dp=2 zero3 tp=2", 4, 2, "step", 1),
-        ("dp=4 zero3 accumulation=2", 4, 1, "step", 2),
-        ("dp=2 zero3 accumulation=2 gather=microbatch", 2, 1, "microbatch", 2),
-    ]
-    for label, world, tp, gather, accumulation in layouts:
-        results = run_distributed(
-            _train,
-            world,
-            _fresh(tmp_path, label),
-            3,
-            gather,
-            accumulation,
-            parallel=_parallel(tp),
-            timeout_s=900,
-        )
-        for rank, trained in enumerate(results):
-            _assert_matches(trained, reference, f"{label} rank {rank}")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_ibxl.config import ParallelConfig, RunConfig
+from megatron_ibxl.parallel import LaunchEnv, init_parallel, shutdown_parallel
 from megatron_ibxl.parallel.sharding import full_parameters, shard_model
 from megatron_ibxl.training.optimizer import build_optimizer, clip_and_step
 from megatron_ibxl.training.schedule import build_scheduler
@@ -21,6 +22,18 @@ from tests.distributed.toy_dual_encoder import build_model, tiny_model_config
 
 GLOBAL_BATCH = 8
 """Pairs per optimizer step in every test layout."""
+
+
+def relayout(ctx, tp: int, store):
+    """Tear this process group down and join a new one over the same processes with another
+    tensor-parallel size (and the seeds a fresh process gets), to test several layouts
+    without paying for a new set of processes each time. `store` is a fresh rendezvous file
+    path, the same on every rank. Returns the new ParallelContext."""
+    rank, world_size = ctx.rank, ctx.world_size
+    shutdown_parallel()
+    launch = LaunchEnv(rank, world_size, rank, "127.0.0.1", 0, "test")
+    parallel = ParallelConfig(tp=tp, backend="gloo", timeout_s=600)
+    return init_parallel(parallel, seed=0, launch=launch, init_method=f"file://{store}")
 
 
 @dataclass
@@ -40,12 +53,20 @@ def make_config(
     accumulation: int = 1,
     clip_grad: float = 0.5,
     dropout: float = 0.0,
+    sequence_parallel: bool = False,
 ) -> RunConfig:
     """A fp32 run of the tiny model: warmup 2, total 5 steps, peak lr 1e-3."""
     config = RunConfig()
     tiny_model_config(config)
     config.model.hidden_dropout = dropout
-    config.parallel = ParallelConfig(tp=tp, zero=zero, gather=gather, backend="gloo", timeout_s=600)
+    config.parallel = ParallelConfig(
+        tp=tp,
+        sequence_parallel=sequence_parallel,
+        zero=zero,
+        gather=gather,
+        backend="gloo",
+        timeout_s=600,
+    )
     config.data.global_batch = GLOBAL_BATCH
     config.data.micro_batch = GLOBAL_BATCH // (dp * accumulation)
     config.optimizer.lr = 1e-3
