@@ -53,6 +53,15 @@ def run(args) -> int:
     setup_logging(launch.rank, logging.INFO if launch.rank == 0 else logging.WARNING)
     config = load_config(args.config, args.overrides)
     batch = validate(config, launch.world_size)
+    done = _completed_step(config)
+    if done is not None:
+        logger.info(
+            "run already complete at step %d of %d; nothing to train (%s)",
+            done,
+            config.schedule.total_steps,
+            config.logging.run_dir,
+        )
+        return 0
 
     ctx = init_parallel(config.parallel, seed=config.data.seed, launch=launch)
     logging.getLogger().setLevel(logging.INFO if ctx.owns_metrics else logging.WARNING)
@@ -67,6 +76,24 @@ def run(args) -> int:
     watchdog.stop()
     shutdown_parallel()
     return code
+
+
+def _completed_step(config: RunConfig) -> int | None:
+    """The step of the run's latest checkpoint when it has reached schedule.total_steps (so
+    there is nothing to train), else None. Read from the file system alone, the same on
+    every rank, before any process group is started."""
+    from megatron_ibxl.training.checkpoint import find_latest
+
+    if not config.checkpoint.resume:
+        return None
+    latest = find_latest(config.logging.run_dir)
+    if latest is None:
+        return None
+    try:
+        step = int(latest.name.removeprefix("step_"))
+    except ValueError:
+        return None
+    return step if step >= config.schedule.total_steps else None
 
 
 def _fail(ctx: ParallelContext, exc: BaseException) -> None:
@@ -100,20 +127,24 @@ def _train(
         _write_resolved_config(config, run_dir, path)
         _announce(config, batch, ctx, path)
 
-    with watchdog.phase("building the model, optimizer and data"):
+    # Installed first, so that a signal during the build stops the run after its first step.
+    stop = StopSignal()
+    stop.install()
+    # Building initialises every full-size weight on each rank (minutes at 30B): a wider budget.
+    with watchdog.phase("building the model, optimizer and data", 4 * config.parallel.timeout_s):
         parts = build_training(config, batch, ctx)
         state, position = resume(config, ctx, parts)
         parts.loader = parts.make_loader(position)
 
     total = config.schedule.total_steps
-    if state.step >= total:
+    if state.step >= total:  # a checkpoint past total_steps loaded via find_latest's fallback
         logger.info("run already complete at step %d of %d; nothing to train", state.step, total)
+        stop.uninstall()
+        parts.loader.close()
         return 0
     writer = MetricsWriter(
         run_dir, config.logging, ctx.owns_metrics, state.step, total, config.to_dict()
     )
-    stop = StopSignal()
-    stop.install()
     trainer = Trainer(
         config=config,
         ctx=ctx,
@@ -135,6 +166,7 @@ def _train(
     finally:
         writer.close()
         stop.uninstall()
+        parts.loader.close()
     logger.info("%s at step %d (%.1f s of training)", result.reason, state.step, state.train_s)
     return 0
 

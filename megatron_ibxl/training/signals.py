@@ -87,6 +87,7 @@ class Watchdog:
         self.poll_s = min(poll_s, max(timeout_s / 10, 0.05))
         self._phase: str | None = None
         self._deadline = float("inf")
+        self._budget_s = timeout_s
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="ibxl-watchdog", daemon=True)
@@ -101,10 +102,13 @@ class Watchdog:
         self._stopped.set()
 
     @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        """Watch the enclosed block under the label `name` (e.g. `train step 12`)."""
+    def phase(self, name: str, budget_s: float | None = None) -> Iterator[None]:
+        """Watch the enclosed block under the label `name` (e.g. `train step 12`), for
+        `budget_s` seconds (`timeout_s` when None)."""
+        budget_s = self.timeout_s if budget_s is None else budget_s
         with self._lock:
-            self._phase, self._deadline = name, time.monotonic() + self.timeout_s
+            self._phase, self._deadline = name, time.monotonic() + budget_s
+            self._budget_s = budget_s
         try:
             yield
         finally:
@@ -115,16 +119,18 @@ class Watchdog:
         while not self._stopped.wait(self.poll_s):
             with self._lock:
                 phase, late = self._phase, time.monotonic() > self._deadline
+                budget_s = self._budget_s
             if late:
-                self._fire(phase)
+                self._fire(phase, budget_s)
 
-    def _fire(self, phase: str | None) -> None:
+    def _fire(self, phase: str | None, budget_s: float) -> None:
         logger.error(
-            "%s: %s did not finish within parallel.timeout_s=%g s; a peer rank has probably "
-            "died or hung in a collective. Ending this process (exit %d); check the other "
-            "ranks' logs, then rerun to resume from the last complete checkpoint",
+            "%s: %s did not finish within %g s (parallel.timeout_s=%g); a peer rank has "
+            "probably died or hung in a collective. Ending this process (exit %d); check the "
+            "other ranks' logs, then rerun to resume from the last complete checkpoint",
             self.rank_label,
             phase,
+            budget_s,
             self.timeout_s,
             EXIT_HUNG,
         )
