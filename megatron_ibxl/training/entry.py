@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,6 +37,19 @@ EXIT_FAILED = 1
 _COLLECTIVE_HINTS = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket")
 
 
+def _quiet_known_warnings() -> None:
+    """Hide third-party notices that every rank would print and that say nothing about this
+    run: Megatron-core's CUDA-only tuning hints (on CPU), a deprecation inside Megatron's own
+    config defaults, and torch's renaming of the collectives FSDP2 calls internally."""
+    for pattern in (
+        ".*CUDA_DEVICE_MAX_CONNECTIONS.*",
+        ".*cuda_graph_scope.*",
+        ".*all_gather_into_tensor.* is deprecated.*",
+        ".*reduce_scatter_tensor.* is deprecated.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def rank_label(ctx: ParallelContext) -> str:
     """`rank 3 (tp 1, dp 1, pp 0)`: how a process is named in warnings and errors."""
     return f"rank {ctx.rank} (tp {ctx.tp_rank}, dp {ctx.dp_rank}, pp {ctx.pp_rank})"
@@ -50,6 +64,7 @@ def run(args) -> int:
     tearing down a broken process group can itself hang.
     """
     launch = detect_launch_env()
+    _quiet_known_warnings()
     setup_logging(launch.rank, logging.INFO if launch.rank == 0 else logging.WARNING)
     config = load_config(args.config, args.overrides)
     batch = validate(config, launch.world_size)

@@ -18,7 +18,7 @@ CURVES_FILE = "curves.png"
 _PANELS = (
     ("Contrastive loss", "loss", ("loss",)),
     ("Learning rate", "lr", ("lr",)),
-    ("In-batch accuracy", "accuracy", ("acc_i2t", "acc_t2i")),
+    ("In-batch top-1 (pairs of one class look alike)", "accuracy", ("acc_i2t", "acc_t2i")),
     ("Zero-shot accuracy (held out)", "accuracy", ("zero_shot_top1", "zero_shot_top5")),
 )
 

@@ -1,0 +1,97 @@
+"""Faults during training: a rank that dies, and a pre-emption signal.
+
+The 4 ranks are started as separate processes with the launcher's environment variables (as
+srun does, with no torchrun agent that would kill the survivors for us), so the test sees
+what each process does on its own: its exit code, its last words and when it stopped.
+"""
+
+import signal
+import time
+
+from megatron_ibxl.training.checkpoint import find_latest
+from tests.e2e.train_helpers import (
+    WORLD,
+    checkpoint_steps,
+    metrics_lines,
+    rank_log,
+    spawn_ranks,
+    stop_all,
+    tiny_overrides,
+    torchrun,
+    wait_for,
+)
+
+TIMEOUT_S = 20
+"""parallel.timeout_s of these runs: the longest a survivor may wait for a dead peer."""
+
+
+def test_killed_rank_ends_every_process_and_rerun_resumes(tmp_path):
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    overrides = tiny_overrides(
+        run_dir,
+        schedule__total_steps=12,
+        checkpoint__every_steps=2,
+        eval__task="none",
+        parallel__timeout_s=TIMEOUT_S,
+    )
+    procs = spawn_ranks(overrides, logs)
+    try:
+        wait_for(lambda: 4 in checkpoint_steps(run_dir), 180, procs, "checkpoint step_4")
+        victim = 3
+        procs[victim].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        # Every survivor must end by itself, non-zero, within the collective timeout (plus
+        # slack for a loaded machine), never hang.
+        for rank, proc in enumerate(procs):
+            proc.wait(timeout=TIMEOUT_S + 60)
+            if rank != victim:
+                assert proc.returncode != 0, f"rank {rank} exited 0 after its peer died"
+        assert time.monotonic() - killed_at < TIMEOUT_S + 60
+    finally:
+        stop_all(procs)
+
+    for rank in range(WORLD):
+        if rank == victim:
+            continue
+        log = rank_log(logs, rank)
+        # The error names the rank that reports it, with its coordinates.
+        assert f"[rank {rank}] ERROR" in log and f"rank {rank} (tp {rank % 2}" in log, log[-3000:]
+        assert "Traceback" not in log.split("ERROR", 1)[1][:400] or "collective" in log
+
+    # The rerun resumes from the last complete checkpoint and finishes.
+    latest = find_latest(run_dir)
+    assert latest is not None
+    resumed_step = int(latest.name.removeprefix("step_"))
+    assert resumed_step >= 4
+    rerun = torchrun(overrides)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert f"resumed from {latest}" in rerun.stderr
+    steps = [row["step"] for row in metrics_lines(run_dir)]
+    assert steps == list(range(1, 13)), steps  # lines past the checkpoint were rewritten
+
+
+def test_sigterm_checkpoints_and_exits_zero(tmp_path):
+    # SIGUSR1 (SLURM's pre-emption warning) takes the same path; the unit test of the stop
+    # flag covers that it is caught.
+    signum = signal.SIGTERM
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    overrides = tiny_overrides(
+        run_dir, schedule__total_steps=200, checkpoint__every_steps=0, eval__task="none"
+    )
+    procs = spawn_ranks(overrides, logs)
+    try:
+        wait_for(lambda: len(metrics_lines(run_dir)) >= 2, 180, procs, "two logged steps")
+        # Signal one rank only: the stop flag is all-reduced, so every rank stops together.
+        procs[2].send_signal(signum)
+        codes = [proc.wait(timeout=120) for proc in procs]
+    finally:
+        stop_all(procs)
+
+    assert codes == [0] * WORLD, [rank_log(logs, r)[-2000:] for r in range(WORLD)]
+    last_step = metrics_lines(run_dir)[-1]["step"]
+    assert 2 <= last_step < 200
+    # checkpoint.every_steps=0: the only checkpoint is the one the signal asked for.
+    assert checkpoint_steps(run_dir) == [last_step]
+    assert f"received {signal.Signals(signum).name}" in rank_log(logs, 2)
+    for rank in range(WORLD):
+        assert f"checkpointed step {last_step}, exiting 0" in rank_log(logs, rank)
