@@ -70,6 +70,41 @@ def test_killed_rank_ends_every_process_and_rerun_resumes(tmp_path):
     assert steps == list(range(1, 13)), steps  # lines past the checkpoint were rewritten
 
 
+def test_hung_rank_ends_every_other_process_within_the_timeout(tmp_path):
+    # A stopped process keeps its sockets open, so its peers get no connection error: only
+    # the collective timeout and the watchdog (parallel.timeout_s) can end their wait.
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    overrides = tiny_overrides(
+        run_dir,
+        schedule__total_steps=200,
+        checkpoint__every_steps=0,
+        eval__task="none",
+        parallel__timeout_s=TIMEOUT_S,
+    )
+    procs = spawn_ranks(overrides, logs)
+    victim = 3
+    try:
+        wait_for(lambda: len(metrics_lines(run_dir)) >= 2, 180, procs, "two logged steps")
+        procs[victim].send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        for rank, proc in enumerate(procs):
+            if rank != victim:
+                proc.wait(timeout=TIMEOUT_S + 60)
+                assert proc.returncode != 0, f"rank {rank} exited 0 while its peer hung"
+        waited_s = time.monotonic() - stopped_at
+    finally:
+        stop_all(procs)
+
+    # Slack over the timeout: the watchdog polls every 0.5 s, and a loaded machine is slow.
+    assert waited_s < TIMEOUT_S + 30, waited_s
+    for rank in range(WORLD):
+        if rank != victim:
+            log = rank_log(logs, rank)
+            assert f"[rank {rank}] ERROR" in log and f"rank {rank} (tp {rank % 2}" in log, log[
+                -3000:
+            ]
+
+
 def test_sigterm_checkpoints_and_exits_zero(tmp_path):
     # SIGUSR1 (SLURM's pre-emption warning) takes the same path; the unit test of the stop
     # flag covers that it is caught.
