@@ -130,3 +130,25 @@ def test_watchdog_ends_a_stuck_phase_naming_the_rank():
     )
     assert proc.returncode == EXIT_HUNG
     assert "rank 7 (tp 1, dp 3, pp 0): train step 12 did not finish" in proc.stderr
+
+
+def test_wandb_missing_is_a_warning_not_a_failure(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` raise ImportError
+    cfg = LoggingConfig(run_dir=str(tmp_path), tensorboard=False, wandb=True, progress="plain")
+    writer = MetricsWriter(tmp_path, cfg, enabled=True, start_step=0, total_steps=1)
+    writer.log(_row(1, 1.0))
+    writer.close()
+    assert "logging.wandb=true but the wandb package is not installed" in caplog.text
+    assert len(read_metrics(tmp_path)) == 1
+
+
+def test_progress_bar_and_lines_together(tmp_path, capsys):
+    cfg = LoggingConfig(run_dir=str(tmp_path), tensorboard=False, progress="bar")
+    writer = MetricsWriter(tmp_path, cfg, enabled=True, start_step=2, total_steps=5)
+    for step in (3, 4, 5):
+        writer.progress(step, 1.0 / step, 1e-3, 50.0)
+        writer.log(_row(step, 1.0 / step))
+    writer.close()
+    err = capsys.readouterr().err
+    assert "5/5" in err and "loss=0.2000" in err  # the bar reached the last step
+    assert [r["step"] for r in read_metrics(tmp_path)] == [3, 4, 5]
