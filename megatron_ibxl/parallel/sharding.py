@@ -26,7 +26,11 @@ zero 3 (FSDP2 over `ctx.mesh["dp"]`, composed with Megatron-core tensor parallel
   not speed.
 
 zero 0 (replicated): parameters and optimizer state are replicated over dp; after the last
-micro-batch every gradient is all-reduced over dp in fp32 buckets.
+micro-batch every gradient is all-reduced over dp in fp32 buckets. With bf16 the same
+replication goes through FSDP2 instead, as hybrid sharding whose shard groups have one rank
+(mesh dims ("dp", "dp_shard") of sizes (dp, 1)): FSDP2 casts the fp32 master weights to bf16
+per unit and all-reduces the fp32 gradients over dp. (Autocast cannot be used: Megatron-core's
+linear layers run their backward outside it on CPU and mix bf16 and fp32 operands.)
 
 Both: gradients of parameters marked `sequence_parallel` (norms and row-parallel biases under
 sequence parallelism) are partial sums over the tensor-parallel ranks and are all-reduced over
@@ -35,13 +39,12 @@ local loss is scaled so that the SUM over dp of local gradients is the gradient 
 mean loss, so every data-parallel reduction here is a sum, never an average.
 
 Precision (`optimizer.precision`): `bf16` computes in bf16 from fp32 master weights and reduces
-gradients in fp32 (FSDP2 MixedPrecisionPolicy under zero 3, autocast under zero 0); `fp32`
-computes in fp32.
+gradients in fp32 (FSDP2's MixedPrecisionPolicy, under zero 0 and zero 3); `fp32` computes in
+fp32.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 
@@ -104,7 +107,7 @@ def param_placement(param: torch.Tensor, tp: int) -> ParamPlacement:
         shape[tp_dim] *= tp
     return ParamPlacement(
         tp_dim=tp_dim,
-        dp_sharded=isinstance(param, DTensor),
+        dp_sharded=_dp_sharded(param),
         sequence_parallel=bool(getattr(param, "sequence_parallel", False)) and tp > 1,
         full_shape=tuple(shape),
     )
@@ -166,6 +169,18 @@ def full_parameters(model: nn.Module, ctx: ParallelContext) -> dict[str, torch.T
     }
 
 
+def _dp_sharded(param: torch.Tensor) -> bool:
+    """True for an FSDP2 parameter that is really split: a Shard placement on a mesh dimension
+    of more than one rank (not the one-rank shard groups of zero 0 with bf16)."""
+    if not isinstance(param, DTensor):
+        return False
+    mesh_sizes = param.device_mesh.shape
+    return any(
+        isinstance(place, Shard) and mesh_sizes[dim] > 1
+        for dim, place in enumerate(param.placements)
+    )
+
+
 class GradSync:
     """Gradient synchronisation hooks around the micro-batches of one optimizer step.
 
@@ -177,7 +192,7 @@ class GradSync:
 
     def __init__(self, model: nn.Module, config: RunConfig, ctx: ParallelContext):
         self.model = model
-        self.zero = config.parallel.zero
+        self.uses_fsdp = isinstance(model, FSDPModule)
         self.gather = config.parallel.gather
         self.ctx = ctx
         self._is_last = True
@@ -185,16 +200,15 @@ class GradSync:
         self._sequence_parallel = [
             p for p in params.values() if param_placement(p, ctx.tp).sequence_parallel
         ]
-        # Under zero 3 only the parameters FSDP2 does not manage need a dp all-reduce here.
-        self._dp_reduced = [
-            p for p in params.values() if self.zero == 0 or not isinstance(p, DTensor)
-        ]
+        # FSDP2 reduces its own parameters; the rest (all of them without FSDP2, else the
+        # scalars it leaves alone) are all-reduced over dp here.
+        self._dp_reduced = [p for p in params.values() if not isinstance(p, DTensor)]
 
     def before_backward(self, index: int, count: int) -> None:
         """Turn FSDP2's reduce-scatter on for the last micro-batch only (gather=step), and keep
         gathered parameters until it has run."""
         self._is_last = index == count - 1
-        if self.zero == 3 and self.gather == "step":
+        if self.uses_fsdp and self.gather == "step":
             self.model.set_requires_gradient_sync(self._is_last)
             self.model.set_reshard_after_backward(self._is_last)
 
@@ -222,9 +236,9 @@ def shard_model(model: nn.Module, config: RunConfig, ctx: ParallelContext) -> Gr
     sharded over dp (Megatron's tensor-parallel attributes are kept on them).
     """
     if config.parallel.zero == 3:
-        _fully_shard(model, config, ctx)
+        _fully_shard(model, config, ctx.mesh["dp"])
     elif config.optimizer.precision == "bf16":
-        model.forward = functools.partial(_autocast_forward, model.forward, ctx.device.type)
+        _fully_shard(model, config, _replicate_mesh(ctx))
     logger.info(
         "data parallel: zero=%d gather=%s precision=%s over dp=%d (tp=%d)",
         config.parallel.zero,
@@ -236,11 +250,12 @@ def shard_model(model: nn.Module, config: RunConfig, ctx: ParallelContext) -> Gr
     return GradSync(model, config, ctx)
 
 
-def _autocast_forward(forward, device_type: str, *args, **kwargs):
-    """zero 0 with bf16: compute in bf16 from the fp32 weights; gradients stay fp32."""
-    with torch.autocast(device_type, dtype=torch.bfloat16):
-        image_emb, text_emb = forward(*args, **kwargs)
-    return image_emb.float(), text_emb.float()
+def _replicate_mesh(ctx: ParallelContext) -> DeviceMesh:
+    """("dp", "dp_shard") of sizes (dp, 1) within each tp / pp coordinate: FSDP2's hybrid
+    sharding over it replicates over dp and shards over one rank, i.e. shards nothing."""
+    grid = torch.arange(ctx.world_size).reshape(ctx.pp, ctx.dp, 1, ctx.tp)
+    names = ("pp", "dp", "dp_shard", "tp")
+    return DeviceMesh(ctx.device.type, grid, mesh_dim_names=names)["dp", "dp_shard"]
 
 
 def _transformer_layers(tower: nn.Module) -> list[nn.Module]:
@@ -252,9 +267,8 @@ def _transformer_layers(tower: nn.Module) -> list[nn.Module]:
     raise ValueError(f"{type(tower).__name__} holds no block with a `layers` list to shard")
 
 
-def _fully_shard(model: nn.Module, config: RunConfig, ctx: ParallelContext) -> None:
+def _fully_shard(model: nn.Module, config: RunConfig, mesh: DeviceMesh) -> None:
     """FSDP2 units bottom-up: layers, towers, root; then sum reductions and prefetching."""
-    mesh = ctx.mesh["dp"]
     reshard_after_forward = config.parallel.gather == "microbatch"
     compute = torch.bfloat16 if config.optimizer.precision == "bf16" else torch.float32
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)

@@ -136,8 +136,17 @@ _EVAL_NAMES = {
     "mean_per_class_recall": "zero_shot_mean_per_class_recall",
     "eval_time_s": "eval_time_s",
 }
-"""Metric names of the evaluation, as they appear in metrics.jsonl; other numeric results
-(retrieval recalls, counts) keep their name behind an `eval_` prefix."""
+"""Metric names of the evaluation, as they appear in metrics.jsonl. Retrieval recalls keep
+their names behind an `eval_` prefix; counts (images, classes) are left to the log line of
+the evaluation itself, except unreadable images, which a run should notice."""
+
+
+def _metrics_line_name(key: str) -> str | None:
+    if key in _EVAL_NAMES:
+        return _EVAL_NAMES[key]
+    if "recall" in key or "unreadable" in key:
+        return f"eval_{key}"
+    return None
 
 
 def evaluation_fn(
@@ -152,9 +161,9 @@ def evaluation_fn(
     def evaluate() -> dict[str, float]:
         result = evaluate_zero_shot(parts.model, config, ctx, parts.tokenizer)
         return {
-            _EVAL_NAMES.get(key, f"eval_{key}"): float(value)
+            _metrics_line_name(key): float(value)
             for key, value in result.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool)
+            if _metrics_line_name(key) and isinstance(value, (int, float))
         }
 
     return evaluate

@@ -84,6 +84,7 @@ def run(args) -> int:
     try:
         code = _train(config, batch, ctx, watchdog, args.config)
     except UserError:
+        watchdog.stop()
         shutdown_parallel()
         raise
     except BaseException as exc:  # noqa: BLE001 - every failure must end this rank visibly

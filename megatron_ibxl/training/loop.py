@@ -124,10 +124,11 @@ def train(trainer: Trainer, state: TrainState) -> LoopResult:
             with trainer.watchdog.phase(f"checkpoint of step {state.step}"):
                 trainer.save(state)
         if stop:
+            source = trainer.stop.received or "a stop signal on another rank"
             logger.warning(
-                "rank %d: stop signal (%s on some rank): checkpointed step %d, exiting 0",
+                "rank %d: %s: checkpointed step %d, exiting 0",
                 trainer.ctx.rank,
-                trainer.stop.received or "another rank",
+                source,
                 state.step,
             )
             return LoopResult(state, "stopped")

@@ -8,20 +8,34 @@ so any layout sees the same data: the contrastive batch is the global batch
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from megatron_ibxl.config import ParallelConfig, RunConfig
+from megatron_ibxl.models import build_dual_encoder
 from megatron_ibxl.parallel import LaunchEnv, init_parallel, shutdown_parallel
 from megatron_ibxl.parallel.sharding import full_parameters, shard_model
 from megatron_ibxl.training.optimizer import build_optimizer, clip_and_step
 from megatron_ibxl.training.schedule import build_scheduler
 from megatron_ibxl.training.step import train_step
-from tests.distributed.toy_dual_encoder import build_model, tiny_model_config
 
 GLOBAL_BATCH = 8
 """Pairs per optimizer step in every test layout."""
+
+
+def tiny_model_config(config: RunConfig) -> None:
+    """Shrink `config.model` in place to a dual encoder that trains in milliseconds: two
+    layers per tower, width 16, two heads, 4 patches of 4 px, 6 tokens of a 29-word
+    vocabulary (padded to 32 for any tp up to 8)."""
+    vision, text = config.model.vision, config.model.text
+    vision.image_size, vision.patch_size, vision.channels = 8, 4, 3
+    vision.hidden, vision.num_layers, vision.num_heads, vision.mlp_hidden = 16, 2, 2, 32
+    text.vocab_size, text.vocab_pad_multiple, text.context_length = 29, 8, 6
+    text.hidden, text.num_layers, text.num_heads, text.mlp_hidden = 16, 2, 2, 32
+    config.model.embed_dim = 8
+    config.model.logit_scale_init = math.log(10.0)
 
 
 def relayout(ctx, tp: int, store):
@@ -54,8 +68,9 @@ def make_config(
     clip_grad: float = 0.5,
     dropout: float = 0.0,
     sequence_parallel: bool = False,
+    precision: str = "fp32",
 ) -> RunConfig:
-    """A fp32 run of the tiny model: warmup 2, total 5 steps, peak lr 1e-3."""
+    """A run of the tiny model (fp32 unless asked): warmup 2, total 5 steps, peak lr 1e-3."""
     config = RunConfig()
     tiny_model_config(config)
     config.model.hidden_dropout = dropout
@@ -72,7 +87,7 @@ def make_config(
     config.optimizer.lr = 1e-3
     config.optimizer.weight_decay = 0.1
     config.optimizer.clip_grad = clip_grad
-    config.optimizer.precision = "fp32"
+    config.optimizer.precision = precision
     config.schedule.warmup_steps = 2
     config.schedule.total_steps = 5
     config.schedule.min_lr = 1e-4
@@ -124,7 +139,7 @@ class Run:
 
     def __init__(self, config: RunConfig, ctx):
         self.config, self.ctx = config, ctx
-        self.model = build_model(config)
+        self.model = build_dual_encoder(config)
         self.grad_sync = shard_model(self.model, config, ctx)
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = build_scheduler(self.optimizer, config)
