@@ -11,7 +11,27 @@ python=${PYTHON:-$here/.venv/bin/python}
 [ -x "$python" ] || python=python3
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l || true)
 nproc=${NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}
-exec "$python" -m torch.distributed.run \
+"$python" -m torch.distributed.run \
   --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$nproc" \
   --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
-  -m megatron_ibxl.cli train --config "$config" "$@"
+  -m megatron_ibxl.cli train --config "$config" "$@" &
+launcher=$!
+
+# SIGTERM or SIGUSR1 sent to this script (a scheduler's pre-emption notice, a `kill`) goes to
+# the training processes, which finish the step, write a checkpoint and exit 0, so torchrun
+# and this script exit 0 as well. Sent to torchrun itself, SIGTERM would make it kill its
+# workers without a checkpoint and exit 1.
+forward() { pkill "-$1" -P "$launcher" || true; }
+trap 'forward TERM' TERM
+trap 'forward USR1' USR1
+trap 'forward INT' INT
+set +e
+while :; do
+  wait "$launcher"
+  rc=$?
+  # A trapped signal interrupts `wait` with a status above 128 while torchrun still runs.
+  if [ "$rc" -gt 128 ] && kill -0 "$launcher" 2>/dev/null; then continue; fi
+  break
+done
+if [ "$rc" -gt 128 ]; then wait "$launcher"; rc=$?; fi
+exit "$rc"

@@ -138,6 +138,16 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(exc).splitlines():
             print(f"megatron-ibxl {args.command}: error: {line}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        print(
+            f"megatron-ibxl {args.command}: error: cannot use {exc.filename}: "
+            f"{exc.strerror or exc}; check the path (a folder where a file is expected, a "
+            "missing parent, permissions)",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         logging.getLogger(__name__).error("interrupted")
         return 130

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from megatron_ibxl.errors import DataError
+from megatron_ibxl.errors import DataError, UserError
 from megatron_ibxl.logging_setup import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -85,8 +85,14 @@ class TextTokenizer:
     def save(self, path: str | Path) -> None:
         """Write the tokenizer as one `tokenizer.json` file (folders are created)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._tokenizer.save(str(path))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._tokenizer.save(str(path))
+        except Exception as exc:  # the tokenizers library raises a bare Exception
+            raise UserError(
+                f"cannot write the tokenizer to {path}: {exc}; give a file path in a "
+                "writable folder"
+            ) from exc
 
 
 def _byte_level(model: models.BPE) -> Tokenizer:

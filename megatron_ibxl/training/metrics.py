@@ -64,19 +64,44 @@ def format_line(metrics: dict[str, Any]) -> str:
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The lines of RUN_DIR/metrics.jsonl, one per step: when a resumed run logged a step
-    again, the later line wins. Unparsable lines (a write cut short) are skipped."""
+    again, the later line wins. Lines that are not a JSON object with an integer `step` (a
+    write cut short, a hand edit) are skipped with one warning that counts them."""
     path = Path(run_dir) / METRICS_FILE
     by_step: dict[int, dict[str, Any]] = {}
     if not path.is_file():
         return []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+    skipped = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        row = _parse_line(line)
+        if row is None:
+            if line.strip():
+                skipped.append(number)
             continue
-        if isinstance(row, dict) and "step" in row:
-            by_step[int(row["step"])] = row
+        by_step[row["step"]] = row
+    if skipped:
+        logger.warning(
+            "%s: skipped %d malformed line(s) (first: line %d); each line must be one JSON "
+            "object with an integer `step`",
+            path,
+            len(skipped),
+            skipped[0],
+        )
     return [by_step[s] for s in sorted(by_step)]
+
+
+def _parse_line(line: str) -> dict[str, Any] | None:
+    """One metrics line as a dict with an int `step`, or None when it is not one."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(row, dict) or isinstance(row.get("step"), bool):
+        return None
+    try:
+        row["step"] = int(row["step"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return row
 
 
 def truncate_after(run_dir: str | Path, step: int) -> None:
@@ -87,11 +112,8 @@ def truncate_after(run_dir: str | Path, step: int) -> None:
         return
     kept = []
     for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if int(row.get("step", 0)) <= step:
+        row = _parse_line(line)
+        if row is not None and row["step"] <= step:
             kept.append(line)
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))

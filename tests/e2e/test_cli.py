@@ -79,3 +79,12 @@ def test_unparsable_yaml_exits_2(tmp_path):
     proc = _cli("train", "--config", str(bad), "--dry-run")
     assert proc.returncode == 2
     assert "not valid YAML" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unusable_output_paths_are_one_line(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    proc = _cli("make-demo-data", str(a_file / "data"))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "a_file/data" in proc.stderr and "Not a directory" in proc.stderr

@@ -18,6 +18,7 @@ from tests.e2e.train_helpers import (
     stop_all,
     tiny_overrides,
     torchrun,
+    torchrun_popen,
     wait_for,
 )
 
@@ -130,3 +131,26 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path):
     assert f"received {signal.Signals(signum).name}" in rank_log(logs, 2)
     for rank in range(WORLD):
         assert f"checkpointed step {last_step}, exiting 0" in rank_log(logs, rank)
+
+
+def test_sigterm_to_the_launch_script_checkpoints_and_exits_zero(tmp_path):
+    # What a user's `kill` or a scheduler does to the job's launcher: launch/torchrun.sh
+    # passes the signal to the training processes instead of letting torchrun kill them.
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(
+        run_dir, schedule__total_steps=200, checkpoint__every_steps=0, eval__task="none"
+    )
+    launcher = torchrun_popen(overrides, nproc=2, log=tmp_path / "launcher.log")
+    try:
+        wait_for(lambda: len(metrics_lines(run_dir)) >= 2, 180, [launcher], "two logged steps")
+        launcher.send_signal(signal.SIGTERM)
+        code = launcher.wait(timeout=120)
+    finally:
+        stop_all([launcher])
+
+    log = (tmp_path / "launcher.log").read_text()
+    assert code == 0, log[-3000:]
+    last_step = metrics_lines(run_dir)[-1]["step"]
+    assert 2 <= last_step < 200
+    assert checkpoint_steps(run_dir) == [last_step]
+    assert f"checkpointed step {last_step}, exiting 0" in log

@@ -85,15 +85,28 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def torchrun(overrides: list[str], timeout_s: float = 240) -> subprocess.CompletedProcess:
-    """`launch/torchrun.sh demo-cpu.yaml --set ...` on 4 local processes, output captured."""
+def _torchrun_command(overrides: list[str], nproc: int) -> tuple[list[str], dict[str, str]]:
     cmd = ["bash", str(ROOT / "launch" / "torchrun.sh"), str(DEMO_CONFIG)]
     for item in overrides:
         cmd += ["--set", item]
-    env = _env(NPROC_PER_NODE=str(WORLD), MASTER_PORT=str(free_port()), PYTHON=sys.executable)
+    env = _env(NPROC_PER_NODE=str(nproc), MASTER_PORT=str(free_port()), PYTHON=sys.executable)
+    return cmd, env
+
+
+def torchrun(overrides: list[str], timeout_s: float = 240) -> subprocess.CompletedProcess:
+    """`launch/torchrun.sh demo-cpu.yaml --set ...` on 4 local processes, output captured."""
+    cmd, env = _torchrun_command(overrides, WORLD)
     return subprocess.run(
         cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
     )
+
+
+def torchrun_popen(overrides: list[str], nproc: int, log: Path) -> subprocess.Popen:
+    """`launch/torchrun.sh` started in the background on `nproc` processes; stdout and
+    stderr go to `log`."""
+    cmd, env = _torchrun_command(overrides, nproc)
+    out = open(log, "w")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=out)
 
 
 def spawn_ranks(overrides: list[str], log_dir: Path) -> list[subprocess.Popen]:

@@ -13,7 +13,7 @@ from tokenizers import pre_tokenizers
 
 from megatron_ibxl.data.tokenizer import EOT_TOKEN, load_tokenizer, run_cli, train_tokenizer
 from megatron_ibxl.data.writer import write_shard
-from megatron_ibxl.errors import DataError
+from megatron_ibxl.errors import DataError, UserError
 
 GPT2_VOCAB = 50257
 
@@ -82,6 +82,11 @@ def test_save_and_load_tokenizer_json(full_tokenizer, tmp_path):
     assert loaded.vocab_size == GPT2_VOCAB
     assert loaded.encode(text) == full_tokenizer.encode(text)
     assert loaded.eot_id == full_tokenizer.eot_id
+
+
+def test_saving_onto_a_folder_is_a_user_error(full_tokenizer, tmp_path):
+    with pytest.raises(UserError, match=f"cannot write the tokenizer to {tmp_path}: .*folder"):
+        full_tokenizer.save(tmp_path)
 
 
 def _write_gpt2_files(folder) -> None:

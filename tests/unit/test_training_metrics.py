@@ -84,6 +84,18 @@ def test_read_metrics_keeps_the_later_line_of_a_repeated_step(tmp_path):
     assert len(rows) == 1 and rows[0]["loss"] == 2.0  # the cut-short line is ignored
 
 
+def test_read_metrics_counts_malformed_lines_in_one_warning(tmp_path, caplog):
+    good = [json.dumps(_row(1, 3.0)), json.dumps(_row(2, 2.5))]
+    bad = ["not json", "[1, 2]", '{"step": "x", "loss": 1}', '{"loss": 1}']
+    (tmp_path / "metrics.jsonl").write_text("\n".join([good[0], *bad, good[1]]) + "\n")
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "skipped 4 malformed line(s) (first: line 2)" in warnings[0]
+    truncate_after(tmp_path, 1)  # malformed lines do not break truncation either
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1]
+
+
 def test_memory_reports_resident_set(tmp_path):
     mem = memory_gib(torch.device("cpu"))
     assert 0 < mem["rss_gib"] <= mem["mem_peak_gib"] + 1e-6
