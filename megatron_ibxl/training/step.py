@@ -16,7 +16,8 @@ Deep Contrastive Learning Batch Size under Memory Limited Setup", section 3):
 Activations live for one micro-batch at a time, so memory grows with b, not with A. The
 price is a second forward of every micro-batch. `loss.negatives: micro` runs one forward per
 micro-batch and takes its negatives from the micro-batch across data-parallel ranks only
-(B = b * dp); the step's loss is the mean of the micro-batch losses.
+(B = b * dp); the step's loss is the mean of the micro-batch losses. A step of one
+micro-batch takes that path in both modes, since there B = b * dp is the global batch.
 
 Gradient convention (shared with the sharding code): after the step, each rank's `.grad`
 summed over the data-parallel group equals the gradient of the global mean loss. The FSDP2
@@ -200,7 +201,9 @@ def train_step(
         raise ValueError("train_step needs at least one micro-batch; got an empty list")
     grad_sync = grad_sync or NoGradSync()
     group = ctx.dp_group if ctx.dp > 1 else None
-    if config.loss.negatives == "global":
+    # With one micro-batch the micro-batch across dp IS the global batch: the one-pass path
+    # gives the same loss and gradients without gradient caching's second forward.
+    if config.loss.negatives == "global" and len(micro_batches) > 1:
         parts = _step_global(model, micro_batches, config, ctx.device, group, grad_sync)
     else:
         parts = _step_micro(model, micro_batches, config, ctx.device, group, grad_sync)
