@@ -128,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_third_party_warnings()
     args = build_parser().parse_args(argv)
+    if args.command == "train" and not args.dry_run:
+        from megatron_ibxl.stop_request import catch_early
+
+        catch_early()
     if args.command == "train" and args.dry_run:
         handler = importlib.import_module("megatron_ibxl.training.dry_run").run
     else:
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(handler(args) or 0)
     except UserError as exc:
-        for line in str(exc).splitlines():
+        for line in str(exc).splitlines() if exc.report else []:
             print(f"megatron-ibxl {args.command}: error: {line}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:

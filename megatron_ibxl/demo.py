@@ -11,9 +11,9 @@ Running it again:
   printed again (`"status": "already complete"`);
 - after an interrupted run (Ctrl-C, a killed rank, SIGTERM), training resumes from the last
   complete checkpoint and finishes;
-- when `launch/configs/demo-cpu.yaml` changed since the run started (its hash differs), or
-  with `python -m megatron_ibxl.demo --restart`, the old run folder is removed and the demo
-  starts from step 0.
+- when `launch/configs/demo-cpu.yaml` changed since the run started (its hash differs), the
+  old run folder is moved aside to `runs/demo.<old hash>` (nothing is deleted) and the demo
+  starts from step 0; `python -m megatron_ibxl.demo --restart` removes it instead.
 
 Run it from the repository root (the config names its paths relative to it).
 """
@@ -122,6 +122,15 @@ def _stored_hash(run_dir: Path) -> str | None:
         return None
 
 
+def _free_name(path: Path) -> Path:
+    """`path`, or `path.2`, `path.3`, ... : the first that does not exist yet."""
+    candidate, number = path, 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}.{number}")
+    return candidate
+
+
 def _finished(run_dir: Path, config: RunConfig) -> dict[str, Any] | None:
     path = run_dir / SUMMARY_FILE
     if not path.is_file():
@@ -140,7 +149,8 @@ def _report(summary: dict[str, Any]) -> None:
         f"  held-out zero-shot top-1 : {top1_text}   (chance 0.100)",
         f"  final loss               : {summary['final_loss']:.4f}",
         f"  optimizer steps          : {summary['steps']}",
-        f"  wall time                : {summary['wall_s']:.1f} s",
+        f"  wall time, this launch   : {summary['wall_s']:.1f} s",
+        f"  training time, all runs  : {summary['train_s']:.1f} s",
         f"  throughput               : {summary['samples_per_s']} samples/s",
         f"  curves                   : {summary['curves']}",
         f"  summary                  : {summary['run_dir']}/{SUMMARY_FILE}",
@@ -159,10 +169,18 @@ def run_demo(restart: bool = False, overrides: list[str] | None = None) -> int:
     run_dir = Path(config.logging.run_dir)
 
     stored = _stored_hash(run_dir)
-    if restart or (stored is not None and stored != config.digest()):
-        reason = "--restart" if restart else "the demo configuration changed"
-        logger.info("%s: removing %s and starting from step 0", reason, run_dir)
+    if restart:
+        logger.info("--restart: removing %s and starting from step 0", run_dir)
         shutil.rmtree(run_dir, ignore_errors=True)
+    elif stored is not None and stored != config.digest():
+        aside = _free_name(run_dir.with_name(f"{run_dir.name}.{stored}"))
+        logger.warning(
+            "the demo configuration changed since %s was started: moved it to %s, starting "
+            "from step 0",
+            run_dir,
+            aside,
+        )
+        run_dir.rename(aside)
     previous = _finished(run_dir, config)
     if previous is not None:
         previous["status"] = "already complete; nothing to train (use --restart to retrain)"

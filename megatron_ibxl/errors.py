@@ -7,6 +7,9 @@ class UserError(Exception):
     """A problem with the user's input: the message says what is wrong and how to fix it."""
 
     exit_code = 2
+    report = True
+    """False on the ranks of a multi-process launch that leave the message to another rank
+    which found the same problem; the CLI then exits with exit_code without printing."""
 
 
 class DataError(UserError):

@@ -109,7 +109,9 @@ def _check_model(config: RunConfig, tp: int, problems: list[str]) -> None:
     for name, layers in (("vision", vision.num_layers), ("text", text.num_layers)):
         if layers < 1:
             problems.append(f"model.{name}.num_layers={layers}: must be at least 1")
-    if vision.patch_size < 1 or vision.image_size % vision.patch_size:
+    if vision.patch_size < 1:
+        problems.append(f"model.vision.patch_size={vision.patch_size}: must be at least 1")
+    elif vision.image_size % vision.patch_size:
         problems.append(
             f"model.vision.image_size={vision.image_size}: does not divide by "
             f"model.vision.patch_size={vision.patch_size}; use an image size that is a multiple "
@@ -128,8 +130,10 @@ def _check_model(config: RunConfig, tp: int, problems: list[str]) -> None:
     ):
         value = model.embed_dim if value is None else value
         prefix = "model." if key == "embed_dim" else "model.text."
-        if value < 1:
-            problems.append(f"{prefix}{key}={value}: must be at least 1")
+        least = 2 if key == "context_length" else 1
+        if value < least:
+            why = " (a token and the end-of-text token)" if least == 2 else ""
+            problems.append(f"{prefix}{key}={value}: must be at least {least}{why}")
     for key in ("hidden_dropout", "attention_dropout"):
         value = getattr(model, key)
         if not 0.0 <= value < 1.0:
@@ -155,6 +159,13 @@ def _check_batch(config: RunConfig, dp: int, problems: list[str]) -> int:
         )
         return 1
     accumulation = data.global_batch // per_micro
+    contrastive = per_micro if config.loss.negatives == "micro" else data.global_batch
+    if contrastive < 2:
+        problems.append(
+            f"data.global_batch={data.global_batch}: a contrastive batch of {contrastive} pair "
+            "has no negatives (loss.negatives="
+            f"{config.loss.negatives}); use at least 2 pairs per contrastive batch"
+        )
     if data.accumulation is not None and data.accumulation != accumulation:
         problems.append(
             f"data.accumulation={data.accumulation}: data.global_batch={data.global_batch} != "
@@ -203,7 +214,9 @@ def _check_training(config: RunConfig, problems: list[str]) -> None:
         problems.append(
             f"optimizer.beta1={opt.beta1}, optimizer.beta2={opt.beta2}: must be in [0, 1)"
         )
-    if sched.total_steps < 1 or sched.warmup_steps < 0 or sched.warmup_steps >= sched.total_steps:
+    if sched.total_steps < 1:
+        problems.append(f"schedule.total_steps={sched.total_steps}: must be at least 1")
+    elif sched.warmup_steps < 0 or sched.warmup_steps >= sched.total_steps:
         problems.append(
             f"schedule.warmup_steps={sched.warmup_steps}: must be >= 0 and below "
             f"schedule.total_steps={sched.total_steps}; lower warmup or raise total_steps"
@@ -215,11 +228,10 @@ def _check_training(config: RunConfig, problems: list[str]) -> None:
     for key in ("checkpoint.every_steps", "eval.every_steps", "logging.log_every"):
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
-        if value < 0 or (key == "logging.log_every" and value < 1):
-            problems.append(
-                f"{key}={value}: must be a non-negative step count"
-                + (" of at least 1" if key == "logging.log_every" else "")
-            )
+        if key == "logging.log_every" and value < 1:
+            problems.append(f"{key}={value}: must be at least 1 (log every N steps)")
+        elif value < 0:
+            problems.append(f"{key}={value}: must be >= 0 (0 turns it off)")
     if config.eval.task != "none" and not config.eval.data:
         problems.append(
             f"eval.task={config.eval.task!r} needs eval.data (the data folder); "

@@ -361,10 +361,13 @@ def _check_files(path: Path, files: dict[str, int]) -> str | None:
     for name, size in files.items():
         file = path / name
         if not file.is_file():
-            return f"file {name} is missing (truncated or partly deleted checkpoint)"
+            return f"file {name} is missing (truncated or partly deleted checkpoint){_DAMAGED}"
         actual = file.stat().st_size
         if actual != size:
-            return f"file {name} has {actual} bytes, {size} were written (truncated checkpoint)"
+            return (
+                f"file {name} has {actual} bytes, {size} were written (truncated checkpoint)"
+                + _DAMAGED
+            )
     return None
 
 
@@ -380,6 +383,12 @@ def _check_params(meta: dict[str, Any], model: nn.Module, tp: int) -> str | None
                 "model (different model config)"
             )
     return None
+
+
+_DAMAGED = (
+    "; move this step_N folder out of checkpoints/ to resume from the previous complete one, "
+    "or set checkpoint.resume=false to start over"
+)
 
 
 def _agree_or_raise(path: Path, problem: str | None) -> None:

@@ -9,6 +9,7 @@ import sys
 from megatron_ibxl.config import load_config, validate
 from megatron_ibxl.models.param_count import count_parameters
 from megatron_ibxl.parallel.launcher_env import detect_launch_env
+from megatron_ibxl.training.preflight import check_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ def run(args) -> int:
     if world_size is None:
         world_size = detect_launch_env().world_size
     report = describe(config, world_size)
+    check_inputs(config)
     if detect_launch_env().rank == 0:
         print(json.dumps(report, indent=2), file=sys.stdout)
     return 0

@@ -27,6 +27,7 @@ from megatron_ibxl.parallel import detect_launch_env, init_parallel, shutdown_pa
 from megatron_ibxl.parallel.setup import ParallelContext
 from megatron_ibxl.training.loop import Trainer, train
 from megatron_ibxl.training.metrics import MetricsWriter
+from megatron_ibxl.training.preflight import check_inputs
 from megatron_ibxl.training.signals import StopSignal, Watchdog, flush_logs
 
 logger = logging.getLogger(__name__)
@@ -66,8 +67,15 @@ def run(args) -> int:
     launch = detect_launch_env()
     _quiet_known_warnings()
     setup_logging(launch.rank, logging.INFO if launch.rank == 0 else logging.WARNING)
-    config = load_config(args.config, args.overrides)
-    batch = validate(config, launch.world_size)
+    try:
+        config = load_config(args.config, args.overrides)
+        batch = validate(config, launch.world_size)
+        check_inputs(config)
+    except UserError as exc:
+        # Every rank finds the same problem before the process groups start: the first rank
+        # of each node reports it, the others only exit with the same code.
+        exc.report = launch.local_rank == 0
+        raise
     done = _completed_step(config)
     if done is not None:
         logger.info(

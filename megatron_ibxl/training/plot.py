@@ -65,6 +65,8 @@ def plot_curves(rows: list[dict[str, Any]], out_path: str | Path, title: str = "
 def run(args) -> int:
     """Read RUN_DIR/metrics.jsonl and write RUN_DIR/curves.png."""
     run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run folder; pass the logging.run_dir of a run")
     rows = read_metrics(run_dir)
     if not rows:
         raise UserError(

@@ -27,10 +27,11 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from megatron_ibxl import stop_request
+from megatron_ibxl.stop_request import STOP_SIGNALS
+
 logger = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-"""Signals that ask the run to checkpoint and exit 0."""
 
 EXIT_HUNG = 3
 """Exit code of a process ended by the watchdog."""
@@ -44,9 +45,11 @@ class StopSignal:
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
-        """Route the stop signals to this flag (main thread only, as Python requires)."""
+        """Route the stop signals to this flag (main thread only, as Python requires); a
+        signal caught earlier by `stop_request.catch_early` counts as received."""
         for signum in STOP_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
+        self.received = self.received or stop_request.received
 
     def uninstall(self) -> None:
         """Restore the handlers that were in place before `install`."""

@@ -10,7 +10,6 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from megatron_ibxl.config import ParallelConfig
 from megatron_ibxl.errors import CheckpointError, UserError
@@ -19,7 +18,7 @@ from megatron_ibxl.parallel.sharding import full_parameters
 from megatron_ibxl.training import checkpoint
 from megatron_ibxl.training.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from tests.distributed.train_helpers import Run, make_config
-from tests.helpers.dist import run_distributed
+from tests.helpers.dist import run_distributed, worker_context
 
 WORLD = 2
 
@@ -82,7 +81,7 @@ def test_killed_write_nan_step_and_damaged_checkpoints(tmp_path):
     step 2, skip a NaN step, and reject damaged or foreign checkpoint folders."""
     run_dir, marker_dir = tmp_path / "run", tmp_path / "markers"
     marker_dir.mkdir()
-    context = mp.get_context("spawn")
+    context = worker_context()
     store = tmp_path / "store-killed"
     procs = [
         context.Process(target=_train_then_hang, args=(rank, store, run_dir, marker_dir))

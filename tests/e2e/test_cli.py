@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.train_helpers import demo_data_dir
+
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = "launch/configs/demo-cpu.yaml"
 
@@ -32,8 +34,17 @@ def test_train_help():
     assert "--dry-run" in proc.stdout and "--set" in proc.stdout
 
 
+def _demo_inputs() -> list[str]:
+    """`--set` items pointing the demo config at demo data built for this test session."""
+    data = demo_data_dir()
+    items = [f"data.train_shards={data / 'train.txt'}", f"data.tokenizer={data / 'tokenizer.json'}"]
+    items += [f"eval.data={data / 'heldout'}", f"eval.classes={data / 'classes.tsv'}"]
+    items += [f"eval.templates={data / 'templates.txt'}"]
+    return [arg for item in items for arg in ("--set", item)]
+
+
 def test_dry_run_prints_layout():
-    proc = _cli("train", "--config", DEMO, "--dry-run", "--world-size", "4")
+    proc = _cli("train", "--config", DEMO, "--dry-run", "--world-size", "4", *_demo_inputs())
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["layout"]["dp"] == 2 and report["layout"]["accumulation"] == 2
@@ -88,3 +99,19 @@ def test_unusable_output_paths_are_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "a_file/data" in proc.stderr and "Not a directory" in proc.stderr
+
+
+def test_dry_run_checks_the_input_files(tmp_path):
+    # The demo config's own paths under a folder where nothing was built: every missing input
+    # is one line, exit 2, before anything starts.
+    args = ["train", "--config", DEMO, "--dry-run", "--world-size", "4", *_demo_inputs()]
+    args += ["--set", f"data.train_shards={tmp_path / 'train-{0000..0003}.tar'}"]
+    args += ["--set", "model.text.vocab_size=100", "--set", f"eval.data={tmp_path / 'nope'}"]
+    proc = _cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert all(line.startswith("megatron-ibxl train: error: ") for line in lines), lines
+    assert "4 of 4 shards do not exist" in lines[0]
+    assert "ids but model.text.vocab_size=100" in lines[1]
+    assert "eval.data=" in lines[2] and "does not exist" in lines[2]
+    assert len(lines) == 3

@@ -1,7 +1,12 @@
 """Run a function on N CPU processes joined over gloo, for distributed tests.
 
 The processes rendezvous through a file store in the test's temporary folder (no fixed
-port). The first failure is re-raised in the test with its rank and traceback; a run that
+port). They are forked from a fork server that has imported torch, Megatron-core and the
+engine once per test session (multiprocessing's "forkserver" with preloaded modules), so a
+test does not pay the ~9 s of CPU those imports take in every process it starts; the
+server itself never computes, so nothing is forked with live threads.
+
+The first failure is re-raised in the test with its rank and traceback; a run that
 exceeds its timeout kills every process and fails.
 """
 
@@ -36,6 +41,25 @@ def _entry(rank, world_size, store, fn, parallel, seed, args, results):
         results.put((rank, "error", traceback.format_exc()))
 
 
+PRELOADED = (
+    "torch",
+    "megatron.core.parallel_state",
+    "megatron_ibxl.models",
+    "megatron_ibxl.parallel.sharding",
+    "megatron_ibxl.training.step",
+    "megatron_ibxl.training.checkpoint",
+    "tests.helpers.dist",
+)
+"""Modules the fork server imports once; the processes forked from it start with them."""
+
+
+def worker_context():
+    """The multiprocessing context of test processes: a fork server with PRELOADED."""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(list(PRELOADED))
+    return context
+
+
 def run_distributed(
     fn: Callable[..., Any],
     world_size: int,
@@ -47,11 +71,11 @@ def run_distributed(
 ) -> list[Any]:
     """Call `fn(ctx, *args)` on `world_size` processes; return their results by rank.
 
-    `fn` must be a module-level function (the processes are spawned). `parallel` gives the
+    `fn` must be a module-level function (it is pickled by name). `parallel` gives the
     layout (tp=1 when None); `ctx` is the process's ParallelContext.
     """
     parallel = parallel or ParallelConfig(tp=1, backend="gloo", timeout_s=60)
-    context = mp.get_context("spawn")
+    context = worker_context()
     results = context.Queue()
     store = Path(tmp_path) / f"store-{os.getpid()}-{id(fn)}"
     procs = [

@@ -131,3 +131,29 @@ def test_non_positive_sizes_and_non_finite_rates():
     assert "model.text.num_layers=0: must be at least 1" in text
     assert "optimizer.lr=inf: must be a finite number > 0" in text
     assert "optimizer.weight_decay=-1.0: must be finite and >= 0" in text
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("schedule.total_steps=-5", "schedule.total_steps=-5: must be at least 1"),
+        ("model.vision.patch_size=0", "model.vision.patch_size=0: must be at least 1"),
+        ("logging.log_every=0", "logging.log_every=0: must be at least 1"),
+        ("checkpoint.every_steps=-1", "checkpoint.every_steps=-1: must be >= 0"),
+        ("model.text.context_length=1", "model.text.context_length=1: must be at least 2"),
+    ],
+)
+def test_each_bad_value_is_blamed_on_its_own_key(override, expected):
+    problems = _problems([override], world_size=4)
+    assert len(problems) == 1 and problems[0].startswith(expected), problems
+
+
+def test_a_contrastive_batch_needs_two_pairs():
+    one_pair = ["parallel.tp=1", "parallel.sequence_parallel=false", "data.micro_batch=1"]
+    problems = _problems([*one_pair, "data.global_batch=1"], world_size=1)
+    assert "a contrastive batch of 1 pair has no negatives" in problems[0]
+    # Two pairs in one step are enough, whether from accumulation (global negatives)...
+    validate(load_config(DEMO, [*one_pair, "data.global_batch=2"]), 1)
+    # ...but `micro` negatives only see one micro-batch across dp.
+    micro = [*one_pair, "data.global_batch=2", "loss.negatives=micro"]
+    assert "(loss.negatives=micro)" in _problems(micro, world_size=1)[0]

@@ -78,6 +78,9 @@ def test_changed_config_or_restart_starts_over(demo_setup):
     config_path.write_text(yaml.safe_dump(raw))
     assert demo.run_demo() == 0
     assert launches == [4, 4] and not (run_dir / "stale-file").exists()
+    # The old run is kept beside the new one, under its configuration's hash.
+    (aside,) = run_dir.parent.glob("run.*")
+    assert (aside / "stale-file").read_text() == "from the old run"
     assert demo.run_demo(restart=True) == 0
     assert launches == [4, 4, 4]
 

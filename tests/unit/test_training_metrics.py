@@ -112,6 +112,8 @@ def test_plot_writes_png(tmp_path):
 def test_plot_without_metrics_names_the_file(tmp_path):
     with pytest.raises(UserError, match="metrics.jsonl"):
         plot.run(Namespace(run_dir=str(tmp_path)))
+    with pytest.raises(UserError, match="nope: no such run folder"):
+        plot.run(Namespace(run_dir=str(tmp_path / "nope")))
 
 
 def test_stop_signal_sets_the_flag():
@@ -124,6 +126,23 @@ def test_stop_signal_sets_the_flag():
         assert stop.received == "SIGUSR1"
     finally:
         stop.uninstall()
+
+
+def test_a_signal_during_start_up_is_kept_for_the_loop(monkeypatch):
+    from megatron_ibxl import stop_request
+
+    monkeypatch.setattr(stop_request, "received", None)
+    previous = {signum: signal.getsignal(signum) for signum in stop_request.STOP_SIGNALS}
+    stop = StopSignal()
+    try:
+        stop_request.catch_early()
+        os.kill(os.getpid(), signal.SIGTERM)  # would end the process without catch_early
+        stop.install()
+        assert stop.received == "SIGTERM" and stop.should_stop(torch.device("cpu"))
+    finally:
+        stop.uninstall()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def test_watchdog_ends_a_stuck_phase_naming_the_rank():

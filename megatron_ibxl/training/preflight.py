@@ -1,0 +1,79 @@
+"""Checks of a run's input files before any process group starts.
+
+`megatron-ibxl train` (on every rank, before it joins the process groups) and `--dry-run`
+both call `check_inputs`, so a missing shard list, a missing tokenizer or a tokenizer whose
+ids do not fit the text tower's vocabulary is reported once, as one line per problem, before
+any GPU or peer is waited for. What can only be known by reading the data (a corrupt image,
+a shard cut short) is still handled while training, sample by sample.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron_ibxl.config import RunConfig
+from megatron_ibxl.errors import DataError, UserError
+
+
+def check_inputs(config: RunConfig) -> None:
+    """Raise DataError listing every input of `config` that cannot be used.
+
+    Checked: `data.train_shards` names at least one shard and every named shard exists;
+    `data.tokenizer` is set, loads, and its ids fit `model.text.vocab_size` (a larger id
+    would index past the embedding table); the evaluation's data, classes and templates exist
+    when `eval.task` is not `none`. Reads only small files (the shard list, the tokenizer).
+    """
+    problems = _shard_problems(config) + _tokenizer_problems(config) + _eval_problems(config)
+    if problems:
+        raise DataError("\n".join(problems))
+
+
+def _shard_problems(config: RunConfig) -> list[str]:
+    from megatron_ibxl.data.shards import expand_shards
+
+    if not config.data.train_shards.strip():
+        return ["data.train_shards is not set; give a brace pattern or a list file of shards"]
+    try:
+        shards = expand_shards(config.data.train_shards)
+    except UserError as exc:
+        return [str(exc)]
+    missing = [shard for shard in shards if not Path(shard).is_file()]
+    if missing:
+        return [
+            f"data.train_shards={config.data.train_shards}: {len(missing)} of {len(shards)} "
+            f"shards do not exist (first: {missing[0]}); fix the pattern or the list file"
+        ]
+    return []
+
+
+def _tokenizer_problems(config: RunConfig) -> list[str]:
+    from megatron_ibxl.data.tokenizer import load_tokenizer
+
+    if not config.data.tokenizer.strip():
+        return [
+            "data.tokenizer is not set; give a tokenizer.json or a folder with vocab.json + "
+            "merges.txt (`megatron-ibxl train-tokenizer` makes one from shards)"
+        ]
+    try:
+        tokenizer = load_tokenizer(config.data.tokenizer)
+    except UserError as exc:
+        return [str(exc)]
+    vocab = config.model.text.vocab_size
+    if tokenizer.vocab_size > vocab:
+        return [
+            f"data.tokenizer={config.data.tokenizer}: has {tokenizer.vocab_size} ids but "
+            f"model.text.vocab_size={vocab}; set model.text.vocab_size to at least "
+            f"{tokenizer.vocab_size} or use a smaller tokenizer"
+        ]
+    return []
+
+
+def _eval_problems(config: RunConfig) -> list[str]:
+    if config.eval.task == "none":
+        return []
+    problems = []  # an unset eval.data is a config error, reported by validate()
+    for key in ("data", "classes", "templates"):
+        value = getattr(config.eval, key)
+        if value.strip() and not Path(value).exists():
+            problems.append(f"eval.{key}={value}: does not exist; fix the path or eval.task=none")
+    return problems
