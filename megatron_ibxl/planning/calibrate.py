@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,8 +65,11 @@ def _rows(path: Path, data: dict) -> list[dict]:
             raise _fail(path, f"results[{index}].op: must be one of {', '.join(_OPS)}")
         for key in ("bytes", "time_us", "busbw_gbps"):
             value = row.get(key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise _fail(path, f"results[{index}].{key}={value!r}: must be a positive number")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or value <= 0:
+                raise _fail(
+                    path, f"results[{index}].{key}={value!r}: must be a finite positive number"
+                )
     return results
 
 

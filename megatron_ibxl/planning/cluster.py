@@ -17,6 +17,7 @@ measured busbw (benchmarks/comm_overhead.py, or nccl-tests) can be pasted in unc
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,13 +159,15 @@ def load_cluster(path: str | Path) -> Cluster:
     range (a missing bandwidth, for example).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a cluster file; pass a YAML file")
     if not path.is_file():
         raise ConfigError(f"{path}: cluster file not found; pass one of launch/clusters/*.yaml")
     try:
         raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         reason = exc.__class__.__name__
-        raise ConfigError(f"{path}: not valid YAML ({reason}); fix the syntax") from None
+        raise ConfigError(f"{path}: not valid YAML text ({reason}); fix the file") from None
     problems: list[str] = []
     cluster = _build(Cluster, raw, "", problems, str(path))
     if problems:
@@ -217,6 +220,9 @@ def _coerce(hint: Any, value: Any, key: str, problems: list[str], source: str) -
         problems.append(f"{source}: {key}={value!r}: expected {hint.__name__}; {_hint(name)}")
         return None
     low, high, inclusive = _RANGES[name]
+    if not math.isfinite(value):
+        problems.append(f"{source}: {key}={value!r}: must be a finite number; {_hint(name)}")
+        return None
     if value > high or value < low or (value == low and not inclusive):
         bound = f"{'>=' if inclusive else '>'} {low:g}" + (
             f" and <= {high:g}" if high != float("inf") else ""

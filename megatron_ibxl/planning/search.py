@@ -107,8 +107,18 @@ def _knobs(plan: Plan) -> dict[str, object]:
     }
 
 
+PIPELINE_NOTE = "; pp > 1: planner only, `train` runs pp = 1"
+"""Appended to a searched layout with pipeline stages, which the engine cannot train yet."""
+
+
 def explain(plan: Plan, best: Plan) -> str:
-    """Why `plan` ranks where it does against the fastest plan `best`."""
+    """Why `plan` ranks where it does against the fastest plan `best`, and whether `train`
+    can run it."""
+    note = PIPELINE_NOTE if plan.batch.pp > 1 else ""
+    return _why(plan, best) + note
+
+
+def _why(plan: Plan, best: Plan) -> str:
     free_gib = plan.cluster.gpu_memory_gib - plan.memory.total / 2**30
     exposed = plan.exposed_s / plan.step_time_s
     if plan is best:

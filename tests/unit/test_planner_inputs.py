@@ -72,6 +72,25 @@ def test_negative_bandwidth(tmp_path):
         load_cluster(path)
 
 
+@pytest.mark.parametrize(
+    "link, key", [("nvlink", "bus_bandwidth_gbps"), ("infiniband", "latency_us")]
+)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_link_constants(tmp_path, link, key, value):
+    path = _cluster_file(tmp_path, lambda raw: raw[link].__setitem__(key, value))
+    with pytest.raises(ConfigError, match=rf"{link}\.{key}=(nan|inf): must be a finite number"):
+        load_cluster(path)
+
+
+def test_cluster_file_that_is_not_text_or_not_a_file(tmp_path):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00\x01")
+    with pytest.raises(ConfigError, match="not valid YAML text"):
+        load_cluster(binary)
+    with pytest.raises(ConfigError, match="is a folder, not a cluster file"):
+        load_cluster(tmp_path)
+
+
 def test_missing_cluster_file(tmp_path):
     with pytest.raises(ConfigError, match="cluster file not found"):
         load_cluster(tmp_path / "nope.yaml")
@@ -170,6 +189,11 @@ def test_calibration_replaces_the_right_link(tmp_path):
         ({}, [], "results: missing or empty"),
         ({}, [{"op": "broadcast", "bytes": 1, "time_us": 1, "busbw_gbps": 1}], "results[0].op"),
         ({}, [{"op": "all_gather", "bytes": 1, "time_us": 0, "busbw_gbps": 1}], "time_us=0"),
+        (
+            {},
+            [{"op": "all_gather", "bytes": 1, "time_us": 1, "busbw_gbps": float("nan")}],
+            "busbw_gbps=nan: must be a finite positive number",
+        ),
     ],
 )
 def test_bad_calibration_files(tmp_path, top, rows, message):
