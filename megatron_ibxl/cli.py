@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="world size for --dry-run (default: from the launcher, else 1)",
     )
+    train.add_argument(
+        "--check-inputs",
+        action="store_true",
+        help="with --dry-run: fail (exit 2) when shards, tokenizer or evaluation data cannot "
+        "be used, instead of listing them as warnings",
+    )
 
     evaluate = sub.add_parser("eval", help="zero-shot ImageNet-style or COCO retrieval eval")
     _config_args(evaluate)

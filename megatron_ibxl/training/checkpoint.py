@@ -264,7 +264,9 @@ def load_checkpoint(
     """
     path = Path(path)
     reshard_parameters(model)
-    meta, problem = _inspect(path, model, ctx.tp)
+    # Resuming (an optimizer to restore) must find exactly this model's parameters; loading
+    # weights only may leave checkpoint parameters unused (a sigmoid loss's bias, say).
+    meta, problem = _inspect(path, model, ctx.tp, exact=optimizer is not None)
     _agree_or_raise(path, problem)
 
     mesh = layout_mesh(ctx)
@@ -336,7 +338,9 @@ def _fill_optimizer(optimizer, params, targets) -> None:
         optimizer.state[param] = entry
 
 
-def _inspect(path: Path, model: nn.Module, tp: int) -> tuple[dict[str, Any], str | None]:
+def _inspect(
+    path: Path, model: nn.Module, tp: int, exact: bool = False
+) -> tuple[dict[str, Any], str | None]:
     """(meta, None) for a complete checkpoint of this model, else ({}, what is wrong)."""
     if not path.exists():
         return {}, "no such directory; pass a step_N folder under RUN_DIR/checkpoints"
@@ -353,7 +357,7 @@ def _inspect(path: Path, model: nn.Module, tp: int) -> tuple[dict[str, Any], str
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         return {}, f"not a megatron-ibxl checkpoint (format {found!r}, expected {FORMAT!r})"
-    problem = _check_files(path, meta.get("files", {})) or _check_params(meta, model, tp)
+    problem = _check_files(path, meta.get("files", {})) or _check_params(meta, model, tp, exact)
     return meta, problem
 
 
@@ -371,8 +375,14 @@ def _check_files(path: Path, files: dict[str, int]) -> str | None:
     return None
 
 
-def _check_params(meta: dict[str, Any], model: nn.Module, tp: int) -> str | None:
+def _check_params(meta: dict[str, Any], model: nn.Module, tp: int, exact: bool) -> str | None:
     saved = meta.get("params", {})
+    unused = sorted(set(saved) - {name for name, _ in model.named_parameters()})
+    if exact and unused:
+        return (
+            f"holds parameter {unused[0]} that this model lacks (written for a different model, "
+            "e.g. another loss.kind); resume it with the configuration that wrote it"
+        )
     for name, param in model.named_parameters():
         if name not in saved:
             return f"has no parameter {name} (written for a different model)"
@@ -400,7 +410,9 @@ def _agree_or_raise(path: Path, problem: str | None) -> None:
     if problem:
         raise CheckpointError(f"checkpoint {path}: {problem}")
     if flag.item() > 0:
-        raise CheckpointError(f"checkpoint {path}: rejected by another rank (see its error)")
+        error = CheckpointError(f"checkpoint {path}: rejected by another rank (see its error)")
+        error.report = False  # the rank that found the problem says what it is
+        raise error
 
 
 def _rank_state(path: Path, meta: dict[str, Any], ctx: ParallelContext) -> dict | None:

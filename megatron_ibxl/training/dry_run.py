@@ -7,6 +7,7 @@ import logging
 import sys
 
 from megatron_ibxl.config import load_config, validate
+from megatron_ibxl.errors import UserError
 from megatron_ibxl.models.param_count import count_parameters
 from megatron_ibxl.parallel.launcher_env import detect_launch_env
 from megatron_ibxl.training.preflight import check_inputs
@@ -70,7 +71,17 @@ def run(args) -> int:
     if world_size is None:
         world_size = detect_launch_env().world_size
     report = describe(config, world_size)
-    check_inputs(config)
+    # A layout is often checked on a machine without the job's data: missing inputs are
+    # reported (stderr and `input_problems`), not fatal, unless --check-inputs asks.
+    try:
+        check_inputs(config)
+        report["input_problems"] = []
+    except UserError as exc:
+        if getattr(args, "check_inputs", False):
+            raise
+        report["input_problems"] = str(exc).splitlines()
     if detect_launch_env().rank == 0:
+        for problem in report["input_problems"]:
+            sys.stderr.write(f"megatron-ibxl train: warning: {problem}\n")
         print(json.dumps(report, indent=2), file=sys.stdout)
     return 0

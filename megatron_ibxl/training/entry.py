@@ -146,9 +146,8 @@ def _train(
     from megatron_ibxl.training.build import build_training, evaluation_fn, make_saver, resume
 
     run_dir = Path(config.logging.run_dir)
+    _lock_run_dir(run_dir, ctx)
     if ctx.owns_metrics:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_resolved_config(config, run_dir, path)
         _announce(config, batch, ctx, path)
 
     # Installed first, so that a signal during the build stops the run after its first step.
@@ -159,6 +158,8 @@ def _train(
         parts = build_training(config, batch, ctx)
         state, position = resume(config, ctx, parts)
         parts.loader = parts.make_loader(position)
+    if ctx.owns_metrics:  # only once the checkpoint was accepted by this configuration
+        _write_resolved_config(config, run_dir, path)
 
     total = config.schedule.total_steps
     if state.step >= total:  # a checkpoint past total_steps loaded via find_latest's fallback
@@ -195,9 +196,55 @@ def _train(
     return 0
 
 
+_RUN_LOCK: list = []
+"""The open lock file of this process's run folder, held until the process exits."""
+
+
+def _lock_run_dir(run_dir: Path, ctx: ParallelContext) -> None:
+    """Create RUN_DIR and hold an exclusive lock on RUN_DIR/.lock (on the metrics-owning
+    rank), so that a second job started on the same folder stops with an error instead of
+    interleaving checkpoints and metrics with the first. Every rank agrees on the outcome.
+
+    The lock is flock(2): local file systems and NFS/Lustre mounts with flock support honour
+    it; on a file system without it the check passes and guards nothing."""
+    import fcntl
+
+    import torch.distributed as dist
+
+    busy = False
+    if ctx.owns_metrics:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / ".lock", "a")  # noqa: SIM115 - held for the process lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _RUN_LOCK.append(handle)
+        except OSError:
+            handle.close()
+            busy = True
+    flag = torch.tensor([1.0 if busy else 0.0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # [1] -> [1], over the world
+    if flag.item() > 0:
+        error = UserError(
+            f"logging.run_dir={run_dir}: another training job is using this folder (it holds "
+            f"{run_dir / '.lock'}); wait for it to end or choose another logging.run_dir"
+        )
+        error.report = busy
+        raise error
+
+
 def _write_resolved_config(config: RunConfig, run_dir: Path, path: str) -> None:
-    """RUN_DIR/config.json: the resolved configuration and its hash, for reruns and tools."""
+    """RUN_DIR/config.json: the resolved configuration and its hash, for reruns and tools.
+    The record of a different configuration that was there is kept as config.<hash>.json."""
     record = {"config_hash": config.digest(), "source": str(path), "config": config.to_dict()}
+    current = run_dir / "config.json"
+    if current.is_file():
+        try:
+            old_hash = json.loads(current.read_text()).get("config_hash")
+        except (json.JSONDecodeError, AttributeError):
+            old_hash = "unreadable"
+        if old_hash and old_hash != record["config_hash"]:
+            os.replace(current, run_dir / f"config.{old_hash}.json")
     tmp = run_dir / "config.json.tmp"
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, run_dir / "config.json")

@@ -102,12 +102,18 @@ def test_unusable_output_paths_are_one_line(tmp_path):
 
 
 def test_dry_run_checks_the_input_files(tmp_path):
-    # The demo config's own paths under a folder where nothing was built: every missing input
-    # is one line, exit 2, before anything starts.
+    # Shards that do not exist, a tokenizer with more ids than the text vocabulary, missing
+    # evaluation data: one line each. A dry run lists them as warnings (a layout is often
+    # checked away from the data); with --check-inputs, as a train launch does, they fail.
     args = ["train", "--config", DEMO, "--dry-run", "--world-size", "4", *_demo_inputs()]
     args += ["--set", f"data.train_shards={tmp_path / 'train-{0000..0003}.tar'}"]
     args += ["--set", "model.text.vocab_size=100", "--set", f"eval.data={tmp_path / 'nope'}"]
-    proc = _cli(*args)
+    listed = _cli(*args)
+    assert listed.returncode == 0, listed.stderr
+    assert len(json.loads(listed.stdout)["input_problems"]) == 3
+    assert listed.stderr.count("megatron-ibxl train: warning: ") == 3
+
+    proc = _cli(*args, "--check-inputs")
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert all(line.startswith("megatron-ibxl train: error: ") for line in lines), lines
