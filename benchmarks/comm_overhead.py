@@ -472,7 +472,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        from megatron_ibxl.parallel import detect_launch_env
+
+        # Every process finds the same problem: the first one of each node says it.
+        if detect_launch_env().local_rank == 0:
+            print(f"error: {error}", file=sys.stderr)
         return error.exit_code
 
 

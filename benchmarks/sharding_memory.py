@@ -18,7 +18,7 @@ AdamW), then reports per process:
   growth from just before the model was built; these include the interpreter, torch and
   allocator caching, so differences at toy size are within their noise.
 
-Each rank writes one JSON line; rank 0 writes them all to --out.
+Rank 0 prints one JSON line per rank, and writes them to --out when given.
 """
 
 from __future__ import annotations
@@ -135,9 +135,12 @@ def main() -> None:
     }
     reports = [None] * ctx.world_size
     dist.all_gather_object(reports, report)
-    if ctx.rank == 0 and args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(json.dumps(r) for r in reports) + "\n")
+    if ctx.rank == 0:
+        lines = "\n".join(json.dumps(r) for r in reports) + "\n"
+        print(lines, end="")  # the benchmark's result, one JSON object per rank
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(lines)
     shutdown_parallel()
 
 

@@ -15,5 +15,5 @@ extra=()
 [ -n "${HOSTFILE:-}" ] && extra+=(--hostfile "$HOSTFILE")
 exec "$mpirun_bin" -np "${NP:-1}" --oversubscribe "${extra[@]}" \
   -x MASTER_PORT="${MASTER_PORT:-29500}" ${MASTER_ADDR:+-x MASTER_ADDR="$MASTER_ADDR"} \
-  -x PATH -x PYTHONPATH \
+  -x PATH ${PYTHONPATH:+-x PYTHONPATH} \
   "$python" -m megatron_ibxl.cli train --config "$config" "$@"

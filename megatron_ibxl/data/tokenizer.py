@@ -174,6 +174,13 @@ def run_cli(args) -> int:
     from megatron_ibxl.data.shards import expand_shards, iter_captions
 
     shards = expand_shards(args.shards)
+    out = Path(args.out).resolve()
+    inputs = {Path(shard).resolve() for shard in shards} | {Path(args.shards).resolve()}
+    if out in inputs:
+        raise UserError(
+            f"--out {args.out}: is one of the inputs (--shards {args.shards}); write the "
+            "tokenizer to a new file such as tokenizer.json"
+        )
     tokenizer = train_tokenizer(iter_captions(shards), args.vocab_size)
     tokenizer.save(args.out)
     if tokenizer.vocab_size < args.vocab_size:

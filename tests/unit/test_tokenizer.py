@@ -84,6 +84,15 @@ def test_save_and_load_tokenizer_json(full_tokenizer, tmp_path):
     assert loaded.eot_id == full_tokenizer.eot_id
 
 
+def test_train_tokenizer_refuses_to_overwrite_its_input(tmp_path):
+    shard = tmp_path / "train-0000.tar"
+    shard.write_bytes(b"not read: the check comes first")
+    args = SimpleNamespace(shards=str(shard), vocab_size=300, out=str(shard))
+    with pytest.raises(UserError, match="is one of the inputs"):
+        run_cli(args)
+    assert shard.read_bytes() == b"not read: the check comes first"
+
+
 def test_saving_onto_a_folder_is_a_user_error(full_tokenizer, tmp_path):
     with pytest.raises(UserError, match=f"cannot write the tokenizer to {tmp_path}: .*folder"):
         full_tokenizer.save(tmp_path)
