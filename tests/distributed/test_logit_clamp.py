@@ -7,7 +7,7 @@ Two placements of the scale are covered:
 
 - `replicated`: the engine's layout. `shard_model` shards everything else with FSDP2 and
   keeps the scalar parameters out of FSDP2 (it cannot shard a 0-d tensor): the optimizer
-  owns the plain fp32 parameter.
+  owns the plain fp32 parameter. The update is the engine's own `clip_and_step`.
 - `dtensor`: the scale as a 1-element parameter that FSDP2 does shard: the optimizer owns the
   fp32 local shard of a DTensor (one element on dp rank 0, empty on dp rank 1) while the
   forward computes from the gathered bf16 copy.
@@ -27,6 +27,8 @@ from megatron_ibxl.config import RunConfig
 from megatron_ibxl.losses import clamp_logit_scale_
 from megatron_ibxl.models import build_dual_encoder
 from megatron_ibxl.parallel.sharding import shard_model
+from megatron_ibxl.training.optimizer import build_optimizer, clip_and_step
+from megatron_ibxl.training.schedule import build_scheduler
 from megatron_ibxl.training.step import train_step
 from tests.helpers.dist import run_distributed
 
@@ -98,6 +100,43 @@ def _place(model, config, ctx, placement: str):
     return None
 
 
+def _engine_update(model, config, ctx, grad_sync, before_clamp: list[float]) -> None:
+    """The engine's own update (`clip_and_step`: AdamW on every parameter, then the clamp),
+    with the scale's gradient made negative so that its first Adam update, lr * sign, is
+    upward. `before_clamp` receives the value right after `optimizer.step()`."""
+    with torch.no_grad():
+        grad = model.logit_scale.grad
+        grad.copy_(-grad.abs().clamp_min(1e-3))
+    config.optimizer.lr, config.optimizer.clip_grad = 0.5, 0.0
+    config.schedule.warmup_steps, config.schedule.total_steps = 0, 1000
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config)
+    step = optimizer.step
+
+    def step_and_record(*args, **kwargs):
+        result = step(*args, **kwargs)
+        before_clamp.extend(float(v) for v in master_copy(model).detach().reshape(-1))
+        return result
+
+    optimizer.step = step_and_record
+    result = clip_and_step(model, optimizer, scheduler, config, ctx, loss=1.0)
+    assert not result.skipped
+
+
+def _hand_update(model, before_clamp: list[float]) -> None:
+    """AdamW on the scale alone, then `clamp_logit_scale_` (for the DTensor placement, which
+    the engine does not use)."""
+    # Adam's first update is lr * sign(gradient): point it upward whatever the sign.
+    gradient = float(master_grad(model).sum())
+    optimizer = torch.optim.AdamW(
+        [model.logit_scale], lr=0.5, weight_decay=0.0, maximize=gradient > 0
+    )
+    optimizer.step()
+    before_clamp.extend(float(v) for v in master_copy(model).detach().reshape(-1))
+    clamp_logit_scale_(model)
+    optimizer.zero_grad()
+
+
 def _clamp_run(ctx, placement: str):
     """Two steps: the first pushes past the clamp and is clamped, the second runs at it."""
     config = clamp_config()
@@ -106,17 +145,13 @@ def _clamp_run(ctx, placement: str):
     seen = record_forward_scales(model)
 
     train_step(model, micro_batches(ctx.dp_rank, 0), config, ctx, grad_sync)
-    # Adam's first update is lr * sign(gradient): point it upward whatever the sign.
-    gradient = float(master_grad(model).sum())
-    optimizer = torch.optim.AdamW(
-        [model.logit_scale], lr=0.5, weight_decay=0.0, maximize=gradient > 0
-    )
-    optimizer.step()
-    before_clamp = [float(v) for v in master_copy(model).detach().reshape(-1)]
-    clamp_logit_scale_(model)
+    before_clamp: list[float] = []
+    if placement == "replicated":
+        _engine_update(model, config, ctx, grad_sync, before_clamp)
+    else:
+        _hand_update(model, before_clamp)
     after_clamp = [float(v) for v in master_copy(model).detach().reshape(-1)]
 
-    optimizer.zero_grad()
     step_seen_from = len(seen)
     output = train_step(model, micro_batches(ctx.dp_rank, 1), config, ctx, grad_sync)
     gradient_at_clamp = float(master_grad(model).abs().sum())

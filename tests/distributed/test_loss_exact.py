@@ -90,13 +90,14 @@ def sum_over(grads: dict[str, torch.Tensor], group) -> dict[str, torch.Tensor]:
 
 def compare(name: str, loss, grads, ref_loss, ref_grads) -> list[str]:
     """Problems, one line each; empty when the layout agrees with the reference."""
+    # Written as `not (diff <= bound)` so that a NaN loss or gradient counts as a problem.
     problems = []
-    if abs(loss - ref_loss) > REL * abs(ref_loss):
+    if not abs(loss - ref_loss) <= REL * abs(ref_loss):
         problems.append(f"{name}: loss {loss!r} != reference {ref_loss!r}")
     for key, ref in ref_grads.items():
         diff = float((grads[key] - ref).abs().max())
         bound = REL * float(ref.abs().max())
-        if diff > bound:
+        if not diff <= bound:
             problems.append(f"{name}: grad {key} max diff {diff:.3e} > {bound:.3e}")
     return problems
 

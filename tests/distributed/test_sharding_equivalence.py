@@ -86,16 +86,15 @@ def _relative_error(value: np.ndarray, reference: np.ndarray) -> float:
 
 def _assert_matches(trained, reference, label: str, tolerance: float = 1e-5) -> None:
     assert trained.params.keys() == reference.params.keys(), label
-    worst = max(
-        (
-            _relative_error(
-                _comparable(name, trained.params[name]), _comparable(name, reference.params[name])
-            ),
-            name,
+    errors = {
+        name: _relative_error(
+            _comparable(name, trained.params[name]), _comparable(name, reference.params[name])
         )
         for name in reference.params
-    )
-    assert worst[0] < tolerance, f"{label}: {worst[1]} differs by {worst[0]:.2e} relative"
+    }
+    # `not (error < tolerance)` also catches a NaN, which max() would let through.
+    failing = {name: error for name, error in errors.items() if not error < tolerance}
+    assert not failing, f"{label}: relative differences above {tolerance:g}: {failing}"
     np.testing.assert_allclose(trained.grad_norms, reference.grad_norms, rtol=tolerance)
     np.testing.assert_allclose(trained.losses, reference.losses, rtol=tolerance)
     assert trained.lrs == reference.lrs

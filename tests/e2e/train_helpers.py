@@ -171,3 +171,14 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
     if not root.is_dir():
         return []
     return sorted(int(p.name[5:]) for p in root.glob("step_*") if p.name[5:].isdigit())
+
+
+def checkpoint_tensors(path: Path, scratch: Path) -> dict:
+    """Every tensor of a step_N checkpoint (model and optimizer state), at full shape, read
+    with torch.distributed.checkpoint's own converter, without the engine."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = scratch / f"{path.parent.parent.name}-{path.name}.pt"
+    dcp_to_torch_save(str(path), str(out))
+    return torch.load(out, weights_only=True)

@@ -5,7 +5,7 @@ lengths) -> two L2-normalised [b, d] embeddings, `.scale()`, `.logit_bias`), so 
 need no process group. The multi-process exactness tests with the real model live in
 tests/distributed/test_loss_exact.py.
 
-Run `python -m tests.unit.test_losses` to print the memory table of .notes/loss.md.
+Run `python -m tests.unit.test_losses` to print the memory tables of the README.
 """
 
 from __future__ import annotations
@@ -438,7 +438,7 @@ def peak_step_bytes(accumulation: int, micro_batch: int, negatives: str | None) 
     return meter.peak
 
 
-def test_global_mode_memory_does_not_grow_with_accumulation():
+def test_global_mode_memory_grows_with_the_micro_batch_not_the_accumulation():
     # At a fixed micro-batch, the global mode's peak is one micro-batch's activations, the
     # gradients (plus one more copy while accumulating, from A = 2 on), a cache of A * b
     # embeddings of d = 8 floats and an [A * b, B] logit block: from A = 2 to A = 8 that
@@ -448,10 +448,14 @@ def test_global_mode_memory_does_not_grow_with_accumulation():
     one_pass_peaks = {a: peak_step_bytes(a, 4, None) for a in (2, 8)}
     assert global_peaks[8] < 1.1 * global_peaks[2], global_peaks
     assert one_pass_peaks[8] > 3 * one_pass_peaks[2], one_pass_peaks
+    # Doubling the micro-batch at A = 2 doubles the activations of the pass with gradients,
+    # which are most of the peak (the stand-in's parameters and gradients are small).
+    wider = peak_step_bytes(2, 8, "global")
+    assert wider > 1.5 * global_peaks[2], (wider, global_peaks[2])
 
 
 def print_memory_table() -> None:
-    """The tables of .notes/loss.md: peak live MiB of one step, stand-in and real model."""
+    """The README's tables: peak live MiB of one step, stand-in and real model."""
     print("stand-in model (hidden 128, 64 tokens per image), micro-batch 4:")
     print("| accumulation A | global (MiB) | micro (MiB) | one pass over A*b (MiB) |")
     print("| --- | --- | --- | --- |")
@@ -459,6 +463,12 @@ def print_memory_table() -> None:
         row = [peak_step_bytes(accumulation, 4, mode) / 2**20 for mode in ("global", "micro")]
         row.append(peak_step_bytes(accumulation, 4, None) / 2**20)
         print(f"| {accumulation} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+    print("stand-in model, global mode, by micro-batch b:")
+    print("| micro-batch b | A = 2 (MiB) | A = 8 (MiB) |")
+    print("| --- | --- | --- |")
+    for micro_batch in (4, 8, 16):
+        row = [peak_step_bytes(a, micro_batch, "global") / 2**20 for a in (2, 8)]
+        print(f"| {micro_batch} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
 
     import tempfile
 

@@ -100,12 +100,36 @@ def test_clip_to_the_global_norm_and_skip_non_finite():
     assert not result.skipped and result.lr == pytest.approx(lr_at(1, 0.5, 0, 12, 0.1))
     assert result.grad_norm == pytest.approx(2.0 * math.sqrt(count))
     assert scheduler.last_epoch == 1
-    # The logit scale was clamped after the update (it stays below ln 100 here anyway).
-    assert model.logit_scale.item() <= model.logit_scale_max
 
     model.linear.weight.grad = torch.full_like(model.linear.weight, float("inf"))
     result = clip_and_step(model, optimizer, scheduler, config, None, loss=1.0)
     assert result.skipped and result.skipped_steps == 2 and math.isinf(result.grad_norm)
+
+
+def test_the_step_clamps_the_logit_scale_it_updates():
+    # Adam's first update moves each parameter by lr * sign(gradient) (eps aside): from 0.01
+    # below ln 100 with lr 0.5 and a negative gradient, the unclamped value would be ln 100 +
+    # 0.49. clip_and_step must leave the optimizer's copy at the clamp instead.
+    model = _Tiny()
+    with torch.no_grad():
+        model.logit_scale.fill_(model.logit_scale_max - 0.01)
+    config = _config(lr=0.5, warmup=0, total=1000)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config)
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    model.logit_scale.grad = torch.tensor(-1.0)
+
+    result = clip_and_step(model, optimizer, scheduler, config, None, loss=1.0)
+    assert not result.skipped
+    assert model.logit_scale.item() <= model.logit_scale_max
+    assert model.logit_scale.item() == pytest.approx(model.logit_scale_max, abs=1e-6)
+
+    # The clamp does not pin it: a gradient pointing down brings it back below the limit
+    # (by less than lr, since Adam's first moment still remembers the upward push).
+    model.logit_scale.grad = torch.tensor(1.0)
+    clip_and_step(model, optimizer, scheduler, config, None, loss=1.0)
+    assert model.logit_scale.item() < model.logit_scale_max - 0.01
 
 
 def test_clipping_scales_gradients_to_the_threshold():
