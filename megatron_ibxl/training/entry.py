@@ -23,7 +23,13 @@ import torch
 from megatron_ibxl.config import BatchLayout, RunConfig, load_config, validate
 from megatron_ibxl.errors import UserError
 from megatron_ibxl.logging_setup import setup_logging
-from megatron_ibxl.parallel import detect_launch_env, init_parallel, shutdown_parallel
+from megatron_ibxl.parallel import (
+    detect_launch_env,
+    init_parallel,
+    layout_table,
+    shutdown_parallel,
+)
+from megatron_ibxl.parallel.heartbeat import Heartbeat, default_store, describe_silent
 from megatron_ibxl.parallel.setup import ParallelContext
 from megatron_ibxl.training.loop import Trainer, train
 from megatron_ibxl.training.metrics import MetricsWriter
@@ -51,9 +57,13 @@ def _quiet_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-def rank_label(ctx: ParallelContext) -> str:
-    """`rank 3 (tp 1, dp 1, pp 0)`: how a process is named in warnings and errors."""
-    return f"rank {ctx.rank} (tp {ctx.tp_rank}, dp {ctx.dp_rank}, pp {ctx.pp_rank})"
+def rank_label(ctx: ParallelContext, rank: int | None = None) -> str:
+    """`rank 3 (tp 1, dp 1, pp 0)`: how a process (this one when `rank` is None) is named in
+    warnings and errors."""
+    if rank is None:
+        return f"rank {ctx.rank} (tp {ctx.tp_rank}, dp {ctx.dp_rank}, pp {ctx.pp_rank})"
+    _, pp_rank, dp_rank, tp_rank = layout_table(ctx)[rank]
+    return f"rank {rank} (tp {tp_rank}, dp {dp_rank}, pp {pp_rank})"
 
 
 def run(args) -> int:
@@ -88,16 +98,23 @@ def run(args) -> int:
 
     ctx = init_parallel(config.parallel, seed=config.data.seed, launch=launch)
     logging.getLogger().setLevel(logging.INFO if ctx.owns_metrics else logging.WARNING)
-    watchdog = Watchdog(rank_label(ctx), config.parallel.timeout_s).start()
+    heartbeat = Heartbeat(default_store(), ctx.rank, ctx.world_size).start()
+
+    def silent_peers() -> str:
+        return describe_silent(heartbeat.silent_ranks(), lambda rank: rank_label(ctx, rank))
+
+    watchdog = Watchdog(rank_label(ctx), config.parallel.timeout_s, silent_peers).start()
     try:
         code = _train(config, batch, ctx, watchdog, args.config)
     except UserError:
         watchdog.stop()
+        heartbeat.stop()
         shutdown_parallel()
         raise
     except BaseException as exc:  # noqa: BLE001 - every failure must end this rank visibly
-        _fail(ctx, exc)
+        _fail(ctx, exc, silent_peers)
     watchdog.stop()
+    heartbeat.stop()
     shutdown_parallel()
     return code
 
@@ -120,17 +137,19 @@ def _completed_step(config: RunConfig) -> int | None:
     return step if step >= config.schedule.total_steps else None
 
 
-def _fail(ctx: ParallelContext, exc: BaseException) -> None:
-    """Log why this rank ends, naming it, and leave without touching the process group."""
+def _fail(ctx: ParallelContext, exc: BaseException, silent_peers) -> None:
+    """Log why this rank ends, naming it (and, after a failed collective, the peers that went
+    silent: `silent_peers()`), and leave without touching the process group."""
     text = f"{type(exc).__name__}: {exc}".strip()
     if isinstance(exc, KeyboardInterrupt):
         logger.error("%s: interrupted", rank_label(ctx))
     elif isinstance(exc, RuntimeError) and any(h in text.lower() for h in _COLLECTIVE_HINTS):
         logger.error(
-            "%s: a collective failed, so a peer rank has probably died or hung: %s. Ending "
-            "this process; rerun to resume from the last complete checkpoint",
+            "%s: a collective failed, so a peer rank has probably died or hung: %s; %s. "
+            "Ending this process; rerun to resume from the last complete checkpoint",
             rank_label(ctx),
             text.splitlines()[0],
+            silent_peers(),
         )
     else:
         logger.error("%s: training failed:\n%s", rank_label(ctx), traceback.format_exc())

@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -81,11 +81,20 @@ class Watchdog:
     Args:
         rank_label: how this process is named in the error, e.g. `rank 3 (tp 1, dp 1)`.
         timeout_s: the budget of one phase, normally `parallel.timeout_s`.
+        explain: called when the watchdog fires; returns a clause for the error line (which
+            peers went silent). None adds nothing.
         poll_s: how often the thread looks at the clock.
     """
 
-    def __init__(self, rank_label: str, timeout_s: float, poll_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        rank_label: str,
+        timeout_s: float,
+        explain: Callable[[], str] | None = None,
+        poll_s: float = 0.5,
+    ) -> None:
         self.rank_label = rank_label
+        self.explain = explain
         self.timeout_s = timeout_s
         self.poll_s = min(poll_s, max(timeout_s / 10, 0.05))
         self._phase: str | None = None
@@ -127,14 +136,16 @@ class Watchdog:
                 self._fire(phase, budget_s)
 
     def _fire(self, phase: str | None, budget_s: float) -> None:
+        why = f"; {self.explain()}" if self.explain is not None else ""
         logger.error(
             "%s: %s did not finish within %g s (parallel.timeout_s=%g); a peer rank has "
-            "probably died or hung in a collective. Ending this process (exit %d); check the "
-            "other ranks' logs, then rerun to resume from the last complete checkpoint",
+            "probably died or hung in a collective%s. Ending this process (exit %d); check "
+            "the other ranks' logs, then rerun to resume from the last complete checkpoint",
             self.rank_label,
             phase,
             budget_s,
             self.timeout_s,
+            why,
             EXIT_HUNG,
         )
         flush_logs()

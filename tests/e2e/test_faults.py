@@ -70,6 +70,8 @@ def test_killed_rank_ends_every_process_and_rerun_resumes(tmp_path):
         # ... in one line that says what happened and what to do, not a traceback.
         (error,) = [line for line in log.splitlines() if f"[rank {rank}] ERROR" in line]
         assert "a peer rank has probably died or hung" in error, error
+        # ... naming the rank that died (rank 3 is tp 1, dp 1 in this 2 x 2 layout).
+        assert "silent: rank 3 (tp 1, dp 1, pp 0) has stopped sending heartbeats" in error, error
         assert "rerun to resume from the last complete checkpoint" in error, error
         assert "Traceback" not in log.split(error, 1)[1], log[-3000:]
 
@@ -135,6 +137,8 @@ def test_hung_rank_ends_every_other_process_within_the_timeout(tmp_path):
             assert f"[rank {rank}] ERROR" in log and f"rank {rank} (tp {rank % 2}" in log, log[
                 -3000:
             ]
+            # The stopped rank is named: its heartbeat thread stopped with it.
+            assert "silent: rank 3 (tp 1, dp 1, pp 0) has stopped" in log, log[-3000:]
 
 
 def test_sigterm_checkpoints_and_exits_zero(tmp_path):
