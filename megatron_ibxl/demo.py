@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -46,6 +47,8 @@ DEMO_DATA = Path("runs/demo-data")
 """Where the digits shards, held-out images and tokenizer are written."""
 NUM_PROCESSES = 4
 """Processes of the demo: TP=2 times DP=2."""
+EXIT_STOPPED = 130
+"""Exit code of a demo stopped by Ctrl-C or SIGTERM before its last step (resumable)."""
 SUMMARY_FILE = "summary.json"
 """The demo's result file under the run directory."""
 
@@ -82,7 +85,13 @@ def launch_training(config_path: Path, overrides: list[str], nproc: int) -> int:
     for item in overrides:
         cmd += ["--set", item]
     logger.info("launching: %s", " ".join(cmd))
-    return subprocess.run(cmd, env=env, check=False).returncode
+    # A terminal's Ctrl-C reaches the launch script as well as this process: the script turns
+    # it into a stop with a checkpoint, so this process only waits for it to finish.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return subprocess.run(cmd, env=env, check=False).returncode
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def build_summary(rows: list[dict[str, Any]], config: RunConfig, wall_s: float) -> dict[str, Any]:
@@ -149,7 +158,7 @@ def _report(summary: dict[str, Any]) -> None:
         f"  held-out zero-shot top-1 : {top1_text}   (chance 0.100)",
         f"  final loss               : {summary['final_loss']:.4f}",
         f"  optimizer steps          : {summary['steps']}",
-        f"  wall time, this launch   : {summary['wall_s']:.1f} s",
+        f"  training launch wall time: {summary['wall_s']:.1f} s",
         f"  training time, all runs  : {summary['train_s']:.1f} s",
         f"  throughput               : {summary['samples_per_s']} samples/s",
         f"  curves                   : {summary['curves']}",
@@ -197,6 +206,14 @@ def run_demo(restart: bool = False, overrides: list[str] | None = None) -> int:
 
     rows = read_metrics(run_dir)
     summary = build_summary(rows, config, wall_s)
+    if summary["steps"] < config.schedule.total_steps:
+        logger.warning(
+            "stopped by a signal at step %d of %d with its checkpoint written; run `make demo` "
+            "again to resume",
+            summary["steps"],
+            config.schedule.total_steps,
+        )
+        return EXIT_STOPPED
     plot_curves(rows, run_dir / CURVES_FILE, title="digits demo (4 CPU processes)")
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     _report(summary)

@@ -19,3 +19,8 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint directory that is missing, incomplete or not written by this engine."""
+
+
+class LaunchError(UserError):
+    """A job that cannot start its process groups: a rendezvous port already taken, a master
+    address that cannot be reached."""

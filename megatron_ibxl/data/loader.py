@@ -337,4 +337,12 @@ def build_train_loader(
             start // index.num_samples,
             start % index.num_samples,
         )
+        if index.num_samples < data.global_batch:
+            logger.warning(
+                "train data: %d usable samples per epoch, fewer than data.global_batch=%d: "
+                "every contrastive batch holds repeated pairs, so a pair is also scored "
+                "against copies of itself; add shards or lower data.global_batch",
+                index.num_samples,
+                data.global_batch,
+            )
     return loader

@@ -156,6 +156,17 @@ def _open_shard(path: str) -> tuple[tarfile.TarFile, int]:
         raise DataError(f"shard {path}: cannot be opened as a tar file: {exc}") from None
 
 
+def shard_problem(path: str) -> str | None:
+    """Why the shard at `path` cannot be opened as a tar file (one line), or None when its
+    first header reads. Reads one 512-byte block: a check for before training, not a scan."""
+    try:
+        tar, _ = _open_shard(path)
+    except DataError as exc:
+        return str(exc)
+    tar.fileobj.close()
+    return None
+
+
 def _scan_members(path: str) -> tuple[dict[str, dict[str, tuple[int, int]]], bool]:
     """Members grouped by key -> extension -> (offset, size), and whether the tar is cut."""
     tar, file_size = _open_shard(path)

@@ -25,6 +25,7 @@ from megatron.core import parallel_state
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from megatron_ibxl.config import ParallelConfig
+from megatron_ibxl.errors import LaunchError
 from megatron_ibxl.parallel.launcher_env import LaunchEnv, detect_launch_env, resolve_mpi_master
 from megatron_ibxl.parallel.rng import install_cpu_rng_tracker
 
@@ -97,7 +98,8 @@ def init_parallel(
         launch: the process's place in the job; read from the environment when None.
         init_method: a rendezvous URL (`file://...` in tests); TCP to the master otherwise.
 
-    Raises RuntimeError when the world size does not divide by tp * pp.
+    Raises RuntimeError when the world size does not divide by tp * pp, and LaunchError
+    when the rendezvous fails (its port taken, its master unreachable).
     """
     launch = resolve_mpi_master(launch or detect_launch_env())
     backend = choose_backend(parallel.backend)
@@ -107,13 +109,16 @@ def init_parallel(
         init_method = f"tcp://{launch.master_addr}:{launch.master_port}"
     timeout = datetime.timedelta(seconds=parallel.timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend,
-            init_method=init_method,
-            rank=launch.rank,
-            world_size=launch.world_size,
-            timeout=timeout,
-        )
+        try:
+            dist.init_process_group(
+                backend,
+                init_method=init_method,
+                rank=launch.rank,
+                world_size=launch.world_size,
+                timeout=timeout,
+            )
+        except (dist.DistNetworkError, dist.DistStoreError) as exc:
+            raise _rendezvous_error(exc, init_method, parallel.timeout_s) from None
 
     # Megatron-core groups first, then a mesh over the same ranks in the same order.
     parallel_state.initialize_model_parallel(
@@ -150,6 +155,21 @@ def init_parallel(
         device=device,
         mesh=mesh,
         backend=backend,
+    )
+
+
+def _rendezvous_error(exc: Exception, init_method: str, timeout_s: float) -> LaunchError:
+    """One line for a rendezvous that failed: the address, the cause, what to change."""
+    text = str(exc)
+    if "EADDRINUSE" in text or "address already in use" in text.lower():
+        return LaunchError(
+            f"rendezvous {init_method}: the port is already in use (another job on this "
+            "host?); set MASTER_PORT to a free port"
+        )
+    cause = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return LaunchError(
+        f"rendezvous {init_method}: could not join within parallel.timeout_s={timeout_s:g} "
+        f"({cause}); check MASTER_ADDR and MASTER_PORT, and that rank 0 has started"
     )
 
 

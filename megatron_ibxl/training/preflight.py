@@ -18,10 +18,12 @@ from megatron_ibxl.errors import DataError, UserError
 def check_inputs(config: RunConfig) -> None:
     """Raise DataError listing every input of `config` that cannot be used.
 
-    Checked: `data.train_shards` names at least one shard and every named shard exists;
+    Checked: `data.train_shards` names at least one shard, every named shard exists and opens
+    as a tar file (its first header reads; what lies further in is checked while training);
     `data.tokenizer` is set, loads, and its ids fit `model.text.vocab_size` (a larger id
     would index past the embedding table); the evaluation's data, classes and templates exist
-    when `eval.task` is not `none`. Reads only small files (the shard list, the tokenizer).
+    when `eval.task` is not `none`. Reads only small files (the shard list, the tokenizer) and
+    the first block of each shard.
     """
     problems = _shard_problems(config) + _tokenizer_problems(config) + _eval_problems(config)
     if problems:
@@ -29,7 +31,7 @@ def check_inputs(config: RunConfig) -> None:
 
 
 def _shard_problems(config: RunConfig) -> list[str]:
-    from megatron_ibxl.data.shards import expand_shards
+    from megatron_ibxl.data.shards import expand_shards, shard_problem
 
     if not config.data.train_shards.strip():
         return ["data.train_shards is not set; give a brace pattern or a list file of shards"]
@@ -42,6 +44,13 @@ def _shard_problems(config: RunConfig) -> list[str]:
         return [
             f"data.train_shards={config.data.train_shards}: {len(missing)} of {len(shards)} "
             f"shards do not exist (first: {missing[0]}); fix the pattern or the list file"
+        ]
+    unreadable = [problem for problem in map(shard_problem, shards) if problem]
+    if unreadable:
+        return [
+            f"data.train_shards={config.data.train_shards}: {len(unreadable)} of "
+            f"{len(shards)} shards are not tar files ({unreadable[0]}); re-create them or "
+            "leave them out of the pattern or list file"
         ]
     return []
 

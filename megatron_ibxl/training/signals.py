@@ -3,7 +3,8 @@
 Two mechanisms live here:
 
 - `StopSignal`: SIGTERM and SIGUSR1 (SLURM pre-emption, `#SBATCH --signal=USR1@300`, and
-  torchrun forwarding its own SIGTERM) only set a flag. The loop asks `should_stop()` at
+  torchrun forwarding its own SIGTERM) only set a flag; so does a first SIGINT (Ctrl-C), and
+  a second one, a moment later, aborts without a checkpoint. The loop asks `should_stop()` at
   every step boundary; the flag is all-reduced (MAX) over the whole world, so when any rank
   was signalled every rank stops after the same step, writes the checkpoint and exits 0.
 - `Watchdog`: a daemon thread that ends the process with an error naming this rank when a
@@ -36,18 +37,24 @@ logger = logging.getLogger(__name__)
 EXIT_HUNG = 3
 """Exit code of a process ended by the watchdog."""
 
+SIGINT_REPEAT_S = 1.0
+"""A SIGINT this long after the first stop signal aborts; sooner, it is the same Ctrl-C
+delivered twice (by the terminal and by a launcher that forwards it) and changes nothing."""
+
 
 class StopSignal:
     """A flag set by SIGTERM / SIGUSR1 and agreed on by every rank at step boundaries."""
 
     def __init__(self) -> None:
         self.received: str | None = None
+        self._received_at = float("-inf")
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
-        """Route the stop signals to this flag (main thread only, as Python requires); a
-        signal caught earlier by `stop_request.catch_early` counts as received."""
-        for signum in STOP_SIGNALS:
+        """Route the stop signals and SIGINT to this flag (main thread only, as Python
+        requires); a signal caught earlier by `stop_request.catch_early` counts as
+        received."""
+        for signum in (*STOP_SIGNALS, signal.SIGINT):
             self._previous[signum] = signal.signal(signum, self._handle)
         self.received = self.received or stop_request.received
 
@@ -58,10 +65,17 @@ class StopSignal:
         self._previous.clear()
 
     def _handle(self, signum: int, _frame) -> None:
+        now = time.monotonic()
         if self.received is None:
-            self.received = signal.Signals(signum).name
+            self.received, self._received_at = signal.Signals(signum).name, now
+            again = " (Ctrl-C again to abort without one)" if signum == signal.SIGINT else ""
             # Not through logging: a handler may interrupt a logging call holding its lock.
-            sys.stderr.write(f"received {self.received}; stopping after the current step\n")
+            sys.stderr.write(
+                f"received {self.received}; stopping after the current step with a "
+                f"checkpoint{again}\n"
+            )
+        elif signum == signal.SIGINT and now - self._received_at > SIGINT_REPEAT_S:
+            raise KeyboardInterrupt
 
     def should_stop(self, device: torch.device) -> bool:
         """True on every rank when any rank has received a stop signal.

@@ -162,3 +162,44 @@ def test_dry_run_checks_the_input_files(tmp_path):
     assert "ids but model.text.vocab_size=100" in lines[1]
     assert "eval.data=" in lines[2] and "does not exist" in lines[2]
     assert len(lines) == 3
+
+
+def test_check_inputs_opens_every_shard(tmp_path):
+    # Files that exist but are not tar files fail before any process group, as the loader
+    # would fail on them after the model is built: an empty file, random bytes, a tar cut
+    # inside its first header. One good shard beside them shows that only the bad ones count.
+    data = demo_data_dir()
+    good = str(data / (data / "train.txt").read_text().split()[0])
+    (tmp_path / "empty.tar").write_bytes(b"")
+    (tmp_path / "noise.tar").write_bytes(bytes(range(256)) * 8)
+    (tmp_path / "cut.tar").write_bytes(Path(good).read_bytes()[:100])
+    listing = tmp_path / "shards.txt"
+    names = [good] + [str(tmp_path / n) for n in ("empty.tar", "noise.tar", "cut.tar")]
+    listing.write_text("\n".join(names) + "\n")
+    args = ["train", "--config", DEMO, "--dry-run", "--world-size", "4", *_demo_inputs()]
+    proc = _cli(*args, "--set", f"data.train_shards={listing}", "--check-inputs")
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("megatron-ibxl train: error: data.train_shards="), line
+    assert "3 of 4 shards are not tar files" in line and "empty.tar" in line, line
+
+
+def test_a_taken_rendezvous_port_is_one_line(tmp_path):
+    # Two launcher-less jobs on one host default to the same MASTER_PORT; the second must say
+    # so and how to fix it, not print the rendezvous traceback.
+    import os
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        args = ["train", "--config", DEMO, *_demo_inputs(), "--set", "parallel.tp=1"]
+        args += ["--set", "parallel.sequence_parallel=false"]
+        args += ["--set", f"logging.run_dir={tmp_path / 'run'}"]
+        proc = _cli(*args, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"127.0.0.1:{port}" in errors[0] and "set MASTER_PORT" in errors[0], errors[0]

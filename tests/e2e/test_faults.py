@@ -5,9 +5,11 @@ srun does, with no torchrun agent that would kill the survivors for us), so the 
 what each process does on its own: its exit code, its last words and when it stopped.
 """
 
+import os
 import signal
 import time
 
+import pytest
 import torch
 
 from megatron_ibxl.training.checkpoint import find_latest
@@ -168,9 +170,12 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path):
         assert f"checkpointed step {last_step}, exiting 0" in rank_log(logs, rank)
 
 
-def test_sigterm_to_the_launch_script_checkpoints_and_exits_zero(tmp_path):
-    # What a user's `kill` or a scheduler does to the job's launcher: launch/torchrun.sh
-    # passes the signal to the training processes instead of letting torchrun kill them.
+@pytest.mark.parametrize("how", ["kill -TERM", "Ctrl-C"])
+def test_a_stop_sent_to_the_launch_script_checkpoints_and_exits_zero(tmp_path, how):
+    # What a user's `kill` or a scheduler does to the job's launcher (SIGTERM to the script),
+    # and what a terminal's Ctrl-C does (SIGINT to the script's whole process group):
+    # launch/torchrun.sh passes the signal to the training processes, once, instead of
+    # letting torchrun kill them.
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(
         run_dir, schedule__total_steps=200, checkpoint__every_steps=0, eval__task="none"
@@ -178,7 +183,10 @@ def test_sigterm_to_the_launch_script_checkpoints_and_exits_zero(tmp_path):
     launcher = torchrun_popen(overrides, nproc=2, log=tmp_path / "launcher.log")
     try:
         wait_for(lambda: len(metrics_lines(run_dir)) >= 2, 180, [launcher], "two logged steps")
-        launcher.send_signal(signal.SIGTERM)
+        if how == "Ctrl-C":
+            os.killpg(launcher.pid, signal.SIGINT)
+        else:
+            launcher.send_signal(signal.SIGTERM)
         code = launcher.wait(timeout=120)
     finally:
         stop_all([launcher])

@@ -102,11 +102,12 @@ def torchrun(overrides: list[str], timeout_s: float = 240) -> subprocess.Complet
 
 
 def torchrun_popen(overrides: list[str], nproc: int, log: Path) -> subprocess.Popen:
-    """`launch/torchrun.sh` started in the background on `nproc` processes; stdout and
-    stderr go to `log`."""
+    """`launch/torchrun.sh` started in the background on `nproc` processes, as the leader of
+    a process group of its own (as a terminal's foreground job is, so `os.killpg` acts like
+    Ctrl-C); stdout and stderr go to `log`."""
     cmd, env = _torchrun_command(overrides, nproc)
     out = open(log, "w")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=out)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=out, process_group=0)
 
 
 def spawn_ranks(overrides: list[str], log_dir: Path) -> list[subprocess.Popen]:

@@ -204,3 +204,14 @@ def test_shuffle_window_reads_few_shards_at_a_time():
         count = sum(sizes[k] for k in pair)
         assert set(shard_of[first : first + count].tolist()) == set(pair.tolist())
         first += count
+
+
+def test_fewer_samples_than_the_global_batch_is_warned(dataset, tokenizer, caplog):
+    pattern, keys = dataset
+    config = _config(pattern, micro_batch=4)
+    for global_batch, warned in ((len(keys) - len(keys) % 4, False), (len(keys) + 4, True)):
+        caplog.clear()
+        config.data.global_batch = global_batch
+        build_train_loader(config, 0, 1, tokenizer).close()
+        said = f"{len(keys)} usable samples per epoch, fewer than data.global_batch="
+        assert (said in caplog.text) is warned, caplog.text

@@ -17,7 +17,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def demo_setup(tmp_path, monkeypatch):
+def stop_after():
+    """Steps the fake training reaches; a test lowers it to stand for a run stopped by a
+    signal."""
+    return {"steps": 3}
+
+
+@pytest.fixture
+def demo_setup(tmp_path, monkeypatch, stop_after):
     """A copy of the demo config writing to tmp_path/run, no data build, fake training."""
     raw = yaml.safe_load((ROOT / "launch" / "configs" / "demo-cpu.yaml").read_text())
     raw["logging"]["run_dir"] = str(tmp_path / "run")
@@ -36,7 +43,7 @@ def demo_setup(tmp_path, monkeypatch):
         (run_dir / "config.json").write_text(json.dumps({"config_hash": config.digest()}))
         lines = [
             {"step": s, "loss": 3.0 - s, "lr": 1e-3, "samples": 128 * s, "train_s": 2.0 * s}
-            for s in range(1, 4)
+            for s in range(1, stop_after["steps"] + 1)
         ]
         lines[-1]["zero_shot_top1"] = 0.9
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
@@ -92,3 +99,16 @@ def test_interrupted_run_is_resumed_in_place(demo_setup):
     (run_dir / "kept-file").write_text("resume keeps the run folder")
     assert demo.run_demo() == 0
     assert launches == [4, 4] and (run_dir / "kept-file").exists()
+
+
+def test_a_run_stopped_by_a_signal_is_reported_and_resumed(demo_setup, stop_after, caplog):
+    # Ctrl-C or SIGTERM: the training launch checkpoints and exits 0 before the last step.
+    _, run_dir, launches = demo_setup
+    stop_after["steps"] = 2
+    assert demo.run_demo() == demo.EXIT_STOPPED
+    assert "stopped by a signal at step 2 of 3" in caplog.text
+    assert not (run_dir / "summary.json").exists()  # so the next run resumes, not re-reports
+    stop_after["steps"] = 3
+    assert demo.run_demo() == 0
+    assert launches == [4, 4]
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -124,6 +125,24 @@ def test_stop_signal_sets_the_flag():
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stop.should_stop(torch.device("cpu"))
         assert stop.received == "SIGUSR1"
+    finally:
+        stop.uninstall()
+
+
+def test_ctrl_c_stops_with_a_checkpoint_and_a_second_one_aborts(monkeypatch):
+    from megatron_ibxl.training import signals
+
+    stop = StopSignal()
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: a stop, not an interrupt
+        assert stop.received == "SIGINT" and stop.should_stop(torch.device("cpu"))
+        os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C forwarded by a launcher
+        monkeypatch.setattr(signals, "SIGINT_REPEAT_S", 0.0)
+        time.sleep(0.01)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # pressed again: abort
+            time.sleep(1)  # the handler runs at the next bytecode; never reached
     finally:
         stop.uninstall()
 
