@@ -57,8 +57,9 @@ class RunConfig:
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run file, apply `dotted.key=value` overrides, and return typed config.
 
-    Raises ConfigError (every problem, one line each) for a missing or unparsable file,
-    unknown keys, values of the wrong type and malformed overrides. Cross-field checks that
+    Raises ConfigError (every problem, one line each) for a missing, unreadable, non-UTF-8
+    or unparsable file, a key written twice in one mapping of the file, unknown keys, values
+    of the wrong type and malformed overrides. Cross-field checks that
     need the world size live in `validate`.
     """
     raw: dict[str, Any] = {}
@@ -74,15 +75,25 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found; pass an existing YAML file to --config")
+    """The top-level mapping of the YAML file at `path`; ConfigError for any unusable file."""
+    text = _read_text(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        loader = _StrictLoader(text)  # checks for control characters already
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except _DuplicateKeys as exc:
+        raise ConfigError(
+            [
+                f"{path}: {key} is given twice ({_lines(first, again)}); keep one, YAML "
+                "would silently use the last"
+                for key, first, again in exc.duplicates
+            ]
+        ) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        reason = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}: not valid YAML{where}: {reason}; fix the syntax") from None
+        where = _yaml_problem(exc, text)
+        raise ConfigError(f"{path}: not valid YAML{where}; fix the syntax") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -91,6 +102,89 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             "sections (model, parallel, data, ...)"
         )
     return data
+
+
+def _read_text(path: Path) -> str:
+    """The file's text as UTF-8; ConfigError for a missing, unreadable or binary file."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file; pass a YAML file to --config")
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass an existing YAML file to --config")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"{path}: cannot read the config file ({exc.strerror or exc}); check its permissions"
+        ) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+            "pass a YAML file saved as UTF-8"
+        ) from None
+
+
+def _lines(first: int, again: int) -> str:
+    return f"both on line {first}" if first == again else f"line {first} and line {again}"
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    """Where and why PyYAML rejected `text`, as a clause starting with a space."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a control character; it has no line mark
+        line = text.count("\n", 0, exc.position) + 1
+        return f" at line {line}: {exc.reason} (#x{exc.character:04x})"
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{where}: {getattr(exc, 'problem', None) or 'invalid YAML'}"
+
+
+class _DuplicateKeys(yaml.YAMLError):
+    """Keys given twice in one mapping: (dotted key, first line, repeated line), 1-based."""
+
+    def __init__(self, duplicates: list[tuple[str, int, int]]):
+        self.duplicates = duplicates
+        super().__init__(f"{len(duplicates)} duplicate key(s)")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A safe loader that refuses a key given twice in one mapping, at any depth.
+
+    The check runs over the composed node tree before anything is constructed: merge keys
+    (`<<: *anchor`) are expanded in place during construction, and a key that overrides a
+    merged one is legitimate, so only the keys written in each mapping are compared.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        duplicates: list[tuple[str, int, int]] = []
+        _find_duplicates(node, "", duplicates, set())
+        if duplicates:
+            raise _DuplicateKeys(duplicates)
+        return super().construct_document(node)
+
+
+def _find_duplicates(node: yaml.Node, prefix: str, found: list, seen: set[int]) -> None:
+    """Append (dotted key, first line, repeated line) for each repeated key under `node`."""
+    if id(node) in seen:  # an alias to a node already walked (or a recursive anchor)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _find_duplicates(item, f"{prefix.rstrip('.')}[{index}].", found, seen)
+        return
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first_line: dict[tuple[str, str], int] = {}
+    for key_node, value_node in node.value:
+        is_scalar = isinstance(key_node, yaml.ScalarNode)
+        if not is_scalar or key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        ident, line = (key_node.tag, key_node.value), key_node.start_mark.line + 1
+        if ident in first_line:
+            found.append((f"{prefix}{key_node.value}", first_line[ident], line))
+        else:
+            first_line[ident] = line
+        _find_duplicates(value_node, f"{prefix}{key_node.value}.", found, seen)
 
 
 def _apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None:

@@ -60,7 +60,7 @@ def _check_parallel(config: RunConfig, world_size: int, problems: list[str]) -> 
             f"parallel.pp={par.pp}: pipeline parallelism is not implemented for the dual "
             "encoder yet; set parallel.pp=1 (the planner still models pp > 1)"
         )
-    if par.sequence_parallel and par.tp <= 1:
+    if par.sequence_parallel and par.tp == 1:  # tp < 1 is reported above
         problems.append(
             f"parallel.sequence_parallel=true needs parallel.tp > 1 (parallel.tp={par.tp}); "
             "set parallel.sequence_parallel=false or raise parallel.tp"
@@ -102,16 +102,13 @@ def _check_tower(name: str, hidden: int, heads: int, mlp: int, tp: int, problems
         )
 
 
-def _check_model(config: RunConfig, tp: int, problems: list[str]) -> None:
-    vision, text, model = config.model.vision, config.model.text, config.model
-    _check_tower("vision", vision.hidden, vision.num_heads, vision.mlp_hidden, tp, problems)
-    _check_tower("text", text.hidden, text.num_heads, text.mlp_hidden, tp, problems)
-    for name, layers in (("vision", vision.num_layers), ("text", text.num_layers)):
-        if layers < 1:
-            problems.append(f"model.{name}.num_layers={layers}: must be at least 1")
-    if vision.patch_size < 1:
-        problems.append(f"model.vision.patch_size={vision.patch_size}: must be at least 1")
-    elif vision.image_size % vision.patch_size:
+def _check_vision_input(config: RunConfig, problems: list[str]) -> None:
+    vision = config.model.vision
+    sizes = ("image_size", "patch_size", "channels")
+    for key in sizes:
+        if getattr(vision, key) < 1:
+            problems.append(f"model.vision.{key}={getattr(vision, key)}: must be at least 1")
+    if min(getattr(vision, key) for key in sizes) >= 1 and vision.image_size % vision.patch_size:
         problems.append(
             f"model.vision.image_size={vision.image_size}: does not divide by "
             f"model.vision.patch_size={vision.patch_size}; use an image size that is a multiple "
@@ -122,6 +119,16 @@ def _check_model(config: RunConfig, tp: int, problems: list[str]) -> None:
             "model.vision.pool='cls' needs model.vision.use_class_token=true; "
             "set pool: mean or use_class_token: true"
         )
+
+
+def _check_model(config: RunConfig, tp: int, problems: list[str]) -> None:
+    vision, text, model = config.model.vision, config.model.text, config.model
+    _check_tower("vision", vision.hidden, vision.num_heads, vision.mlp_hidden, tp, problems)
+    _check_tower("text", text.hidden, text.num_heads, text.mlp_hidden, tp, problems)
+    for name, layers in (("vision", vision.num_layers), ("text", text.num_layers)):
+        if layers < 1:
+            problems.append(f"model.{name}.num_layers={layers}: must be at least 1")
+    _check_vision_input(config, problems)
     for key, value in (
         ("vocab_size", text.vocab_size),
         ("context_length", text.context_length),
@@ -138,6 +145,8 @@ def _check_model(config: RunConfig, tp: int, problems: list[str]) -> None:
         value = getattr(model, key)
         if not 0.0 <= value < 1.0:
             problems.append(f"model.{key}={value}: must be in [0, 1)")
+    if not math.isfinite(model.norm_eps) or model.norm_eps <= 0:
+        problems.append(f"model.norm_eps={model.norm_eps}: must be a finite number > 0")
     if model.logit_scale_init > model.logit_scale_max:
         problems.append(
             f"model.logit_scale_init={model.logit_scale_init:.4f}: exceeds "
@@ -172,16 +181,7 @@ def _check_batch(config: RunConfig, dp: int, problems: list[str]) -> int:
             f"data.micro_batch * dp * data.accumulation = {data.micro_batch} * {dp} * "
             f"{data.accumulation}; set data.accumulation={accumulation} or leave it null"
         )
-    if len(data.mean) != config.model.vision.channels:
-        problems.append(
-            f"data.mean={data.mean}: needs model.vision.channels="
-            f"{config.model.vision.channels} values"
-        )
-    if len(data.std) != config.model.vision.channels or any(s <= 0 for s in data.std):
-        problems.append(
-            f"data.std={data.std}: needs model.vision.channels="
-            f"{config.model.vision.channels} positive values"
-        )
+    _check_normalisation(config, problems)
     if not 0 <= data.randaugment_m <= 30 or data.randaugment_n < 0:
         problems.append(
             f"data.randaugment_n={data.randaugment_n}, data.randaugment_m="
@@ -191,15 +191,29 @@ def _check_batch(config: RunConfig, dp: int, problems: list[str]) -> int:
         problems.append(f"data.crop_scale_min={data.crop_scale_min}: must be in (0, 1]")
     if data.seed < 0:
         problems.append(f"data.seed={data.seed}: must be >= 0")
-    if data.shuffle_window_shards < 0 or data.prefetch < 0 or data.min_image_side < 1:
-        problems.append(
-            f"data.shuffle_window_shards={data.shuffle_window_shards}, data.prefetch="
-            f"{data.prefetch}, data.min_image_side={data.min_image_side}: need window >= 0, "
-            "prefetch >= 0 and min_image_side >= 1"
-        )
+    for key, least, meaning in (
+        ("shuffle_window_shards", 0, "0 shuffles the whole epoch"),
+        ("prefetch", 0, "0 prepares each micro-batch when it is asked for"),
+        ("min_image_side", 1, "pixels"),
+        ("num_threads", 1, "decoder threads per rank"),
+    ):
+        if getattr(data, key) < least:
+            problems.append(f"data.{key}={getattr(data, key)}: must be >= {least} ({meaning})")
     if data.max_aspect_ratio < 1.0:
         problems.append(f"data.max_aspect_ratio={data.max_aspect_ratio}: must be >= 1")
     return accumulation
+
+
+def _check_normalisation(config: RunConfig, problems: list[str]) -> None:
+    data, channels = config.data, config.model.vision.channels
+    if channels < 1:  # already reported; a mean of any length would be blamed for it
+        return
+    if len(data.mean) != channels:
+        problems.append(f"data.mean={data.mean}: needs model.vision.channels={channels} values")
+    if len(data.std) != channels or any(s <= 0 for s in data.std):
+        problems.append(
+            f"data.std={data.std}: needs model.vision.channels={channels} positive values"
+        )
 
 
 def _check_training(config: RunConfig, problems: list[str]) -> None:
@@ -208,6 +222,8 @@ def _check_training(config: RunConfig, problems: list[str]) -> None:
         problems.append(f"optimizer.lr={opt.lr}: must be a finite number > 0")
     if not math.isfinite(opt.weight_decay) or opt.weight_decay < 0:
         problems.append(f"optimizer.weight_decay={opt.weight_decay}: must be finite and >= 0")
+    if not math.isfinite(opt.eps) or opt.eps <= 0:
+        problems.append(f"optimizer.eps={opt.eps}: must be a finite number > 0")
     if opt.clip_grad < 0:
         problems.append(f"optimizer.clip_grad={opt.clip_grad}: must be >= 0 (0 disables it)")
     if not (0 <= opt.beta1 < 1 and 0 <= opt.beta2 < 1):
@@ -232,6 +248,11 @@ def _check_training(config: RunConfig, problems: list[str]) -> None:
             problems.append(f"{key}={value}: must be at least 1 (log every N steps)")
         elif value < 0:
             problems.append(f"{key}={value}: must be >= 0 (0 turns it off)")
+    if config.eval.batch_size < 1:
+        problems.append(
+            f"eval.batch_size={config.eval.batch_size}: must be at least 1 (images or captions "
+            "per rank per batch)"
+        )
     if config.eval.task != "none" and not config.eval.data:
         problems.append(
             f"eval.task={config.eval.task!r} needs eval.data (the data folder); "

@@ -65,13 +65,14 @@ def format_line(metrics: dict[str, Any]) -> str:
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The lines of RUN_DIR/metrics.jsonl, one per step: when a resumed run logged a step
     again, the later line wins. Lines that are not a JSON object with an integer `step` (a
-    write cut short, a hand edit) are skipped with one warning that counts them."""
+    write cut short, a hand edit, bytes that are not UTF-8) are skipped with one warning that
+    counts them."""
     path = Path(run_dir) / METRICS_FILE
     by_step: dict[int, dict[str, Any]] = {}
     if not path.is_file():
         return []
     skipped = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
         row = _parse_line(line)
         if row is None:
             if line.strip():
@@ -89,11 +90,11 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def _parse_line(line: str) -> dict[str, Any] | None:
+def _parse_line(line: bytes) -> dict[str, Any] | None:
     """One metrics line as a dict with an int `step`, or None when it is not one."""
     try:
-        row = json.loads(line)
-    except json.JSONDecodeError:
+        row = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
         return None
     if not isinstance(row, dict) or isinstance(row.get("step"), bool):
         return None
@@ -111,12 +112,12 @@ def truncate_after(run_dir: str | Path, step: int) -> None:
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().splitlines():
         row = _parse_line(line)
         if row is not None and row["step"] <= step:
             kept.append(line)
     tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.write_bytes(b"".join(line + b"\n" for line in kept))
     os.replace(tmp, path)
 
 

@@ -203,3 +203,73 @@ def test_a_taken_rendezvous_port_is_one_line(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"127.0.0.1:{port}" in errors[0] and "set MASTER_PORT" in errors[0], errors[0]
+
+
+def _one_error_line(stderr: str, command: str) -> str:
+    """The single stderr line of a failed command: its error prefix, no traceback."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith(f"megatron-ibxl {command}: error: "), stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "command, extra",
+    [
+        ("train", ["--dry-run"]),
+        ("plan", ["--cluster", "launch/clusters/h100-ndr400.yaml"]),
+        ("eval", ["--checkpoint", "ckpt", "--task", "imagenet", "--data", "images"]),
+    ],
+)
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path, command, extra):
+    path = tmp_path / "s6.yaml"
+    path.write_bytes(b"\xff\xfe garbage")
+    proc = _cli(command, "--config", str(path), *extra)
+    assert proc.returncode == 2, proc.stderr
+    line = _one_error_line(proc.stderr, command)
+    assert f"{path}: not UTF-8 text (byte 0xff at offset 0)" in line, line
+
+
+def test_a_config_path_that_is_a_folder_is_one_line(tmp_path):
+    proc = _cli("train", "--config", str(tmp_path), "--dry-run")
+    assert proc.returncode == 2, proc.stderr
+    assert f"{tmp_path}: is a folder, not a config file" in _one_error_line(proc.stderr, "train")
+
+
+def test_a_key_given_twice_in_the_yaml_file_is_one_line(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("model:\n  vision:\n    hidden: 128\n    hidden: 256\n")
+    proc = _cli("train", "--config", str(path), "--dry-run", "--world-size", "2")
+    assert proc.returncode == 2, proc.stderr
+    line = _one_error_line(proc.stderr, "train")
+    assert f"{path}: model.vision.hidden is given twice (line 3 and line 4)" in line, line
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["model.vision.image_size=0", "model.vision.image_size=-224", "eval.batch_size=0"]
+    + ["data.num_threads=0"],
+)
+def test_non_positive_sizes_exit_2_naming_the_field(override):
+    proc = _dry_run([override])
+    assert proc.returncode == 2
+    _assert_one_error_line(proc.stderr, override)
+
+
+def test_plot_skips_lines_that_are_not_utf8(tmp_path):
+    good = [json.dumps({"step": s, "loss": 4.0 - s, "lr": 1e-3}) for s in (1, 2)]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_bytes(good[0].encode() + b"\n\xff\xfe\x00\x80garbage\n" + good[1].encode())
+    proc = _cli("plot", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert "skipped 1 malformed line(s) (first: line 2)" in proc.stderr, proc.stderr
+
+    # Nothing but undecodable bytes: one error line after the warning that counts them.
+    metrics.write_bytes(b"\xff\xfe garbage\n\x80\x81\x82\n")
+    proc = _cli("plot", str(tmp_path))
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "skipped 2 malformed line(s)" in proc.stderr, proc.stderr
+    assert errors[0].startswith("megatron-ibxl plot: error: ") and "no metrics lines" in errors[0]

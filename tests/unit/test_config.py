@@ -157,3 +157,137 @@ def test_a_contrastive_batch_needs_two_pairs():
     # ...but `micro` negatives only see one micro-batch across dp.
     micro = [*one_pair, "data.global_batch=2", "loss.negatives=micro"]
     assert "(loss.negatives=micro)" in _problems(micro, world_size=1)[0]
+
+
+def test_a_config_that_is_not_utf8(tmp_path):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"parallel:\n  tp: 2\n\xff\xfe garbage\n")
+    # 0xff is the 19th byte: "parallel:\n" is 10 bytes, "  tp: 2\n" 8 more.
+    with pytest.raises(ConfigError) as info:
+        load_config(binary)
+    assert info.value.problems == [
+        f"{binary}: not UTF-8 text (byte 0xff at offset 18); pass a YAML file saved as UTF-8"
+    ]
+
+
+def test_a_config_path_that_is_a_folder_or_unreadable(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=r"is a folder, not a config file"):
+        load_config(tmp_path)
+    locked = tmp_path / "locked.yaml"
+    locked.write_text("parallel:\n  tp: 1\n")
+
+    # Tests may run as root, which reads any file whatever its mode: refuse the read itself.
+    def refuse(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(locked), "read_bytes", refuse)
+    with pytest.raises(ConfigError) as info:
+        load_config(locked)
+    (problem,) = info.value.problems
+    assert problem.startswith(f"{locked}: cannot read the config file (Permission denied)")
+
+
+def test_a_control_character_names_its_line(tmp_path):
+    bad = tmp_path / "nul.yaml"
+    bad.write_text("parallel:\n  tp: 1\n  pp: 1\x00\n")
+    with pytest.raises(ConfigError, match=r"nul\.yaml: not valid YAML at line 3: .*#x0000"):
+        load_config(bad)
+
+
+def test_a_key_given_twice_names_its_dotted_path_and_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text(
+        "model:\n"  # line 1
+        "  vision:\n"
+        "    hidden: 128\n"  # line 3
+        "    patch_size: 8\n"
+        "    hidden: 256\n"  # line 5
+        "parallel: {tp: 1, tp: 2}\n"  # line 6, both in one flow mapping
+        "data:\n"  # line 7
+        "  seed: 1\n"
+        "data:\n"  # line 9
+        "  seed: 2\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert [p.split(" is given twice ")[0] for p in info.value.problems] == [
+        f"{path}: model.vision.hidden",
+        f"{path}: parallel.tp",
+        f"{path}: data",
+    ]
+    assert "(line 3 and line 5)" in info.value.problems[0]
+    assert "(both on line 6)" in info.value.problems[1]
+    assert "(line 7 and line 9)" in info.value.problems[2]
+
+
+def test_merge_keys_and_set_overrides_are_not_duplicates(tmp_path):
+    # A key written next to `<<: *anchor` replaces the merged one, and `--set` replaces a key
+    # of the file: neither is a key written twice in one mapping.
+    path = tmp_path / "merged.yaml"
+    path.write_text(
+        "model:\n"
+        "  vision: &tower\n"
+        "    hidden: 128\n"
+        "    num_heads: 4\n"
+        "  text:\n"
+        "    <<: *tower\n"
+        "    hidden: 256\n"
+        "parallel:\n"
+        "  tp: 2\n"
+    )
+    config = load_config(path, ["parallel.tp=1", "model.vision.hidden=64"])
+    assert (config.model.vision.hidden, config.model.vision.num_heads) == (64, 4)
+    assert (config.model.text.hidden, config.model.text.num_heads) == (256, 4)
+    assert config.parallel.tp == 1
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model.vision.image_size=0", "model.vision.image_size=0: must be at least 1"),
+        ("model.vision.image_size=-32", "model.vision.image_size=-32: must be at least 1"),
+        ("model.vision.channels=0", "model.vision.channels=0: must be at least 1"),
+        ("model.vision.patch_size=-4", "model.vision.patch_size=-4: must be at least 1"),
+        ("model.text.vocab_size=0", "model.text.vocab_size=0: must be at least 1"),
+        ("model.text.vocab_pad_multiple=0", "model.text.vocab_pad_multiple=0: must be at least"),
+        ("model.embed_dim=-1", "model.embed_dim=-1: must be at least 1"),
+        ("model.norm_eps=0", "model.norm_eps=0.0: must be a finite number > 0"),
+        ("optimizer.eps=-1e-8", "optimizer.eps=-1e-08: must be a finite number > 0"),
+        ("data.micro_batch=0", "data.micro_batch=0: must be at least 1"),
+        ("data.global_batch=0", "data.global_batch=0: must be a multiple of"),
+        ("data.num_threads=0", "data.num_threads=0: must be >= 1"),
+        ("data.num_threads=-2", "data.num_threads=-2: must be >= 1"),
+        ("data.min_image_side=0", "data.min_image_side=0: must be >= 1"),
+        ("data.prefetch=-1", "data.prefetch=-1: must be >= 0"),
+        ("eval.batch_size=0", "eval.batch_size=0: must be at least 1"),
+        ("eval.batch_size=-64", "eval.batch_size=-64: must be at least 1"),
+        ("eval.every_steps=-1", "eval.every_steps=-1: must be >= 0"),
+        ("checkpoint.keep_last=0", "checkpoint.keep_last=0: must be >= 1"),
+        ("schedule.warmup_steps=-1", "schedule.warmup_steps=-1: must be >= 0"),
+        ("parallel.tp=0", "parallel.tp=0: must be at least 1"),
+    ],
+)
+def test_sizes_and_counts_below_their_bound_are_one_line_each(override, expected):
+    problems = _problems([override], world_size=4)
+    assert len(problems) == 1 and problems[0].startswith(expected), problems
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        # 0 is documented as meaning something for each of these, so it is accepted.
+        "eval.every_steps=0",  # evaluate only at the end
+        "checkpoint.every_steps=0",  # save only at the end
+        "schedule.warmup_steps=0",  # no warmup
+        "data.prefetch=0",  # prepare each micro-batch inside next()
+        "data.shuffle_window_shards=0",  # shuffle all samples of the epoch together
+        "data.randaugment_n=0",  # RandAugment off
+        "data.seed=0",
+        # The smallest positive value of each newly bounded field.
+        "eval.batch_size=1",
+        "data.num_threads=1",
+        "checkpoint.keep_last=1",
+    ],
+)
+def test_zero_where_documented_and_the_smallest_positive_values_validate(override):
+    validate(load_config(DEMO, [override]), 4)
