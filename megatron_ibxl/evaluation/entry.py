@@ -168,27 +168,41 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def resolve_checkpoint(path: str) -> Path:
-    """The checkpoint folder to load: `path` itself when it is a step_N folder; else the
-    newest complete checkpoint of a run's `checkpoints/` folder or of a run folder (the one
-    `latest` names, as training's `find_latest` resolves it).
+    """The checkpoint folder to load: `path` itself when it is a step_N folder or holds a
+    meta.json (a checkpoint copied under another name); else the newest complete checkpoint
+    of a run's `checkpoints/` folder or of a run folder (the one `latest` names, as
+    training's `find_latest` resolves it).
 
-    Raises CheckpointError naming the path when there is none.
+    Raises CheckpointError naming the path, and what layout is expected, when there is none.
     """
-    from megatron_ibxl.training.checkpoint import find_latest
+    from megatron_ibxl.training.checkpoint import META, find_latest
 
     given = Path(path)
     if not given.is_dir():
         raise CheckpointError(f"{path}: checkpoint folder not found; pass an existing folder")
-    if _STEP_DIR.match(given.name):
+    if _STEP_DIR.match(given.name) or (given / META).is_file():
         return given
-    run_dir = given.parent if given.name == "checkpoints" else given
-    found = find_latest(run_dir)
-    if found is None:
-        raise CheckpointError(
-            f"{path}: no complete checkpoint found; pass RUN_DIR/checkpoints/step_N, "
-            "RUN_DIR/checkpoints or RUN_DIR"
-        )
-    return found
+    root = given if given.name == "checkpoints" else given / "checkpoints"
+    found = find_latest(root.parent)
+    if found is not None:
+        return found
+    renamed = sorted(
+        child.name
+        for child in (root.iterdir() if root.is_dir() else ())
+        if (child / META).is_file() and not _STEP_DIR.match(child.name)
+    )
+    hint = (
+        f"; {root / renamed[0]} holds {META} but is not named step_<N>: pass that folder "
+        "itself or rename it step_<N>"
+        if renamed
+        else ""
+    )
+    raise CheckpointError(
+        f"{path}: no complete checkpoint found; expected a checkpoint folder holding {META} "
+        f"(training writes RUN_DIR/checkpoints/step_<N>), a checkpoints folder holding "
+        f"step_<N> folders with {META} (or a `latest` file naming one), or a run folder "
+        f"holding such a checkpoints folder{hint}"
+    )
 
 
 def _eval_config(args, world_size: int) -> RunConfig:

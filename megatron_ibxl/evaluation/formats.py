@@ -260,9 +260,33 @@ class RetrievalSet:
     caption_image: list[int]
     """For each caption, the index of its image in `image_paths`."""
     counts: dict[str, int]
-    """What was skipped and why: images_listed, images_missing, images_without_captions,
-    images_with_fewer_than_5_captions, captions_ignored_beyond_5, captions_without_image,
-    captions_of_missing_images."""
+    """What was skipped and why, as far as the annotation file and the file system tell:
+    images_listed, images_missing, images_without_captions, captions_without_image,
+    captions_of_missing_images, and (over every image found, as if all of them decode)
+    images_with_fewer_than_5_captions, captions_ignored_beyond_5. `evaluated_counts` gives
+    the final counts once it is known which images decode."""
+    captions_listed: list[int] = field(default_factory=list)
+    """For each image in `image_paths`, the captions the file lists for it (before the cap)."""
+    captions_per_image: int = CAPTIONS_PER_IMAGE
+    """The cap on captions kept per image."""
+
+    def evaluated_counts(self, decoded: list[bool]) -> dict[str, int]:
+        """`counts` over the images that are evaluated, given `decoded[i]`: whether image i
+        of `image_paths` decodes. An image that does not decode is dropped with all its
+        captions (images_unreadable, captions_of_unreadable_images), so it is not among the
+        images_with_fewer_than_N_captions and its captions are not among
+        captions_ignored_beyond_N. The captions of the listed images then add up:
+        kept + ignored beyond N + of missing images + of unreadable images."""
+        limit = self.captions_per_image
+        evaluated = [n for n, ok in zip(self.captions_listed, decoded, strict=True) if ok]
+        dropped = [n for n, ok in zip(self.captions_listed, decoded, strict=True) if not ok]
+        return {
+            **self.counts,
+            f"images_with_fewer_than_{limit}_captions": sum(n < limit for n in evaluated),
+            f"captions_ignored_beyond_{limit}": sum(max(n - limit, 0) for n in evaluated),
+            "images_unreadable": len(dropped),
+            "captions_of_unreadable_images": sum(dropped),
+        }
 
 
 def _load_json(path: Path) -> Any:
@@ -311,9 +335,10 @@ def load_retrieval_set(data: str, captions_per_image: int = CAPTIONS_PER_IMAGE) 
             (the Karpathy file wins when both are there), or the path of such a file.
         captions_per_image: captions kept per image, in file order.
 
-    Images whose file is missing are left out with their captions, images without any
+    Images whose file is missing are left out with all their captions, images without any
     caption are left out, and captions whose image id is not listed are ignored; each is
-    counted in `counts`. Raises DataError when no layout is recognised or no image is left.
+    counted in `counts`. Images with fewer than `captions_per_image` captions are kept.
+    Raises DataError when no layout is recognised or no image is left.
     """
     path, base = _find_annotation_file(data)
     content = _load_json(path)
@@ -413,6 +438,7 @@ def _assemble(
     image_paths: list[str] = []
     captions: list[str] = []
     caption_image: list[int] = []
+    captions_listed: list[int] = []
     for entry in entries:
         kept = entry.captions[:limit]
         if not kept:
@@ -421,11 +447,14 @@ def _assemble(
         found = _locate(base, entry.candidates)
         if found is None:
             counts["images_missing"] += 1
-            counts["captions_of_missing_images"] += len(kept)
+            counts["captions_of_missing_images"] += len(entry.captions)
             continue
         counts[f"captions_ignored_beyond_{limit}"] += len(entry.captions) - len(kept)
         counts[f"images_with_fewer_than_{limit}_captions"] += len(kept) < limit
         captions.extend(kept)
         caption_image.extend([len(image_paths)] * len(kept))
         image_paths.append(found)
-    return RetrievalSet(str(path), layout, image_paths, captions, caption_image, counts)
+        captions_listed.append(len(entry.captions))
+    return RetrievalSet(
+        str(path), layout, image_paths, captions, caption_image, counts, captions_listed, limit
+    )

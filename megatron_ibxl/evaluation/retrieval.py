@@ -88,7 +88,9 @@ def retrieval_recall(
     """Recall@1/5/10 in both directions over `dataset`, the same on every rank.
 
     Images that do not decode are left out of the gallery with their captions, and
-    counted. Call on every rank of the job. Raises DataError when no image decodes.
+    counted; the caption counts cover the evaluated images only (see
+    `RetrievalSet.evaluated_counts`). Call on every rank of the job. Raises DataError when
+    no image decodes.
     """
     start = time.perf_counter()
     share = embed_image_share(dataset.image_paths, towers, shard, batch_size)
@@ -120,9 +122,7 @@ def retrieval_recall(
     metrics.update(
         num_images=num_images,
         num_captions=num_captions,
-        images_unreadable=len(dataset.image_paths) - num_images,
-        captions_of_unreadable_images=len(dataset.captions) - num_captions,
-        **dataset.counts,
+        **dataset.evaluated_counts(decoded.tolist()),
         eval_time_s=round(time.perf_counter() - start, 3),
     )
     logger.info(

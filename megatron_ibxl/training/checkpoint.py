@@ -19,9 +19,11 @@ from them, so a checkpoint loads under another tp or dp size. The full shapes do
 on the layout (the padded vocabulary is a multiple of lcm(pad, tp)). AdamW's moments are
 saved the same way, keyed by parameter name.
 
-Errors a user can cause (a missing, interrupted, truncated or foreign directory, or one of
-another model) raise CheckpointError with one line naming the path and the problem, on every
-rank at once.
+Errors a user can cause (a missing, interrupted, truncated or foreign directory, one of
+another model, or files whose bytes changed after they were written) raise CheckpointError
+with one line naming the path, the problem and what to do, on every rank at once: each rank's
+own file checks end in one agreement (an all-reduce) before DCP's collectives, and DCP itself
+gathers every rank's read errors, so no rank is left waiting for one that failed.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from megatron.core.tensor_parallel import random as mcore_random
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_ibxl.config import RunConfig
 from megatron_ibxl.errors import CheckpointError
@@ -247,9 +250,10 @@ def load_checkpoint(
     """Load a checkpoint written by `save_checkpoint` under any tp / dp layout. Collective.
 
     Args:
-        path: a step_N folder (see `find_latest`).
+        path: a step_N folder (see `find_latest`), or a copy of one under another name.
         model: built and sharded for the current layout; its parameters are overwritten.
-        optimizer: None loads the model only (evaluation, initialisation); otherwise AdamW's
+        optimizer: None loads the model only (evaluation, initialisation) and reads neither
+            AdamW's state nor the rng/ files, which may then be missing; otherwise AdamW's
             state, the schedule and the RNG states are restored too (a resume).
         scheduler: the schedule to restore, or None.
 
@@ -257,16 +261,21 @@ def load_checkpoint(
     no rank's stream has a counterpart, so every generator is reseeded from the step instead
     (deterministic, but not the stream the original run would have drawn), with a warning.
 
-    Returns the `extra` this rank saved (rank 0's under another layout), with `step` set to the
-    checkpoint's step.
-    Raises CheckpointError (one line, every rank) for a missing, incomplete, truncated or
-    foreign directory or one written for another model.
+    Returns the `extra` this rank saved on a resume (rank 0's under another layout, and when
+    loading weights only), with `step` set to the checkpoint's step.
+    Raises CheckpointError (one line, every rank) for a missing, incomplete, truncated,
+    foreign or damaged directory or one written for another model.
     """
     path = Path(path)
+    resume = optimizer is not None
     reshard_parameters(model)
-    # Resuming (an optimizer to restore) must find exactly this model's parameters; loading
-    # weights only may leave checkpoint parameters unused (a sigmoid loss's bias, say).
-    meta, problem = _inspect(path, model, ctx.tp, exact=optimizer is not None)
+    # Resuming must find exactly this model's parameters; loading weights only may leave
+    # checkpoint parameters unused (a sigmoid loss's bias, say). Every file this rank reads on
+    # its own is read before the agreement, so that all ranks stop together.
+    meta, problem = _inspect(path, model, ctx.tp, resume=resume)
+    saved, own = set(), None
+    if problem is None:
+        saved, own, problem = _read_own_files(path, meta, ctx, resume)
     _agree_or_raise(path, problem)
 
     mesh = layout_mesh(ctx)
@@ -275,16 +284,18 @@ def load_checkpoint(
         f"model/{name}": as_piece(torch.zeros_like(local_tensor(p)), pl, mesh)
         for name, (p, pl) in params.items()
     }
-    if optimizer is not None:
-        targets.update(_optimizer_targets(path, optimizer, params, mesh))
+    if resume:
+        targets.update(_optimizer_targets(saved, optimizer, params, mesh))
     try:
         dcp.load(targets, checkpoint_id=str(path))
-    except Exception as error:  # noqa: BLE001 - reported as one line on every rank
-        summary = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
-        raise CheckpointError(
-            f"checkpoint {path}: cannot be read ({type(error).__name__}: {summary}); "
-            "use another checkpoint"
-        ) from None
+    except CheckpointException as error:
+        # DCP gathers the read errors of all ranks and raises this (a BaseException) on each
+        # alike, so rank 0 says it for all of them. An interrupt inside the read stays one.
+        if not all(isinstance(inner, Exception) for inner, _ in error.failures.values()):
+            raise
+        raise _undecodable(path, error, resume, report=ctx.rank == 0) from None
+    except Exception as error:  # noqa: BLE001 - one line, on the rank where it happened
+        raise _undecodable(path, error, resume, report=True) from None
 
     with torch.no_grad():
         for name, (param, _) in params.items():
@@ -296,19 +307,17 @@ def load_checkpoint(
             for group in optimizer.param_groups:
                 group["lr"] = scheduler.get_last_lr()[0]
     extra = meta.get("extra") or {}
-    own = _rank_state(path, meta, ctx)
-    if optimizer is not None:
+    if resume:
         _restore_rng(own, meta, ctx, path)
-    if own is not None:
-        extra = own.get("extra", extra)
+        if own is not None:
+            extra = own.get("extra", extra)
     logger.info("loaded checkpoint %s (step %d)", path, meta["step"])
     return {**extra, "step": int(meta["step"])}
 
 
-def _optimizer_targets(path: Path, optimizer, params, mesh) -> dict[str, Any]:
-    """Zero pieces for every AdamW state entry the checkpoint holds, shaped like the
-    parameter's piece in the current layout."""
-    saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+def _optimizer_targets(saved: set[str], optimizer, params, mesh) -> dict[str, Any]:
+    """Zero pieces for every AdamW state entry the checkpoint holds (`saved`: DCP's keys),
+    shaped like the parameter's piece in the current layout."""
     owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
     targets: dict[str, Any] = {}
     for name, (param, placement) in params.items():
@@ -339,9 +348,10 @@ def _fill_optimizer(optimizer, params, targets) -> None:
 
 
 def _inspect(
-    path: Path, model: nn.Module, tp: int, exact: bool = False
+    path: Path, model: nn.Module, tp: int, resume: bool = False
 ) -> tuple[dict[str, Any], str | None]:
-    """(meta, None) for a complete checkpoint of this model, else ({}, what is wrong)."""
+    """(meta, None) for a complete checkpoint of this model, else ({}, what is wrong). A
+    resume needs exactly this model's parameters and the rng/ files too."""
     if not path.exists():
         return {}, "no such directory; pass a step_N folder under RUN_DIR/checkpoints"
     if not path.is_dir():
@@ -357,22 +367,40 @@ def _inspect(
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         return {}, f"not a megatron-ibxl checkpoint (format {found!r}, expected {FORMAT!r})"
-    problem = _check_files(path, meta.get("files", {})) or _check_params(meta, model, tp, exact)
-    return meta, problem
+    problem = _check_files(path, meta.get("files", {}), resume)
+    return meta, problem or _check_params(meta, model, tp, exact=resume)
 
 
-def _check_files(path: Path, files: dict[str, int]) -> str | None:
+def _check_files(path: Path, files: dict[str, int], resume: bool) -> str | None:
+    """What is wrong with the files meta.json lists (the rng/ ones only for a resume)."""
+    advice = _advice(path, resume)
     for name, size in files.items():
+        if not resume and name.startswith("rng/"):
+            continue
         file = path / name
         if not file.is_file():
-            return f"file {name} is missing (truncated or partly deleted checkpoint){_DAMAGED}"
+            return f"file {name} is missing (truncated or partly deleted checkpoint){advice}"
         actual = file.stat().st_size
         if actual != size:
-            return (
-                f"file {name} has {actual} bytes, {size} were written (truncated checkpoint)"
-                + _DAMAGED
-            )
+            return f"file {name} has {actual} bytes, {size} were written (truncated){advice}"
     return None
+
+
+def _read_own_files(
+    path: Path, meta: dict[str, Any], ctx: ParallelContext, resume: bool
+) -> tuple[set[str], dict | None, str | None]:
+    """DCP's saved keys and, for a resume, this rank's RNG file (None under another layout);
+    or what is wrong with them."""
+    try:
+        saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    except Exception as error:  # noqa: BLE001 - any decoding failure means damaged bytes
+        problem = f"file .metadata cannot be read ({_summary(error)}){_advice(path, resume)}"
+        return set(), None, problem
+    try:
+        return saved, _rank_state(path, meta, ctx) if resume else None, None
+    except Exception as error:  # noqa: BLE001 - any decoding failure means damaged bytes
+        name = f"rng/rank_{ctx.rank:05d}.pt"
+        return saved, None, f"file {name} cannot be read ({_summary(error)}){_advice(path, True)}"
 
 
 def _check_params(meta: dict[str, Any], model: nn.Module, tp: int, exact: bool) -> str | None:
@@ -395,10 +423,39 @@ def _check_params(meta: dict[str, Any], model: nn.Module, tp: int, exact: bool) 
     return None
 
 
-_DAMAGED = (
-    "; move this step_N folder out of checkpoints/ to resume from the previous complete one, "
-    "or set checkpoint.resume=false to start over"
-)
+def _advice(path: Path, resume: bool) -> str:
+    """What to do about a damaged checkpoint, for a resume or for loading weights only."""
+    if resume:
+        return (
+            f"; move {path.name} out of {path.parent} so that the run resumes from the "
+            "previous complete checkpoint, or set checkpoint.resume=false to start over"
+        )
+    return (
+        f"; load the previous complete checkpoint instead, or move {path.name} out of "
+        f"{path.parent} so that this checkpoints folder resolves to the previous one"
+    )
+
+
+def _undecodable(path: Path, error: BaseException, resume: bool, report: bool):
+    """The CheckpointError for data files that passed the size checks but do not load."""
+    failure = CheckpointError(
+        f"checkpoint {path}: its data files cannot be decoded ({_summary(error)}) though "
+        f"their sizes are as written: they were damaged after writing{_advice(path, resume)}"
+    )
+    failure.report = report
+    return failure
+
+
+def _summary(error: BaseException) -> str:
+    """`Type: first sentence` of an exception, of the lowest failing rank's for DCP's
+    CheckpointException (which carries every rank's)."""
+    failures = error.failures if isinstance(error, CheckpointException) else None
+    if failures:
+        rank = min(failures)
+        return f"rank {rank}: {_summary(failures[rank][0])}"
+    lines = str(error).strip().splitlines()
+    text = lines[0].split(". ")[0][:160] if lines else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _agree_or_raise(path: Path, problem: str | None) -> None:
@@ -419,9 +476,13 @@ def _rank_state(path: Path, meta: dict[str, Any], ctx: ParallelContext) -> dict 
     """This rank's own file, when the checkpoint was written by this very layout."""
     layout = {"tp": ctx.tp, "dp": ctx.dp, "pp": ctx.pp, "world_size": ctx.world_size}
     file = path / "rng" / f"rank_{ctx.rank:05d}.pt"
-    if meta.get("layout") != layout or not file.is_file():
+    if meta.get("layout") != layout:
         return None
-    return torch.load(file, weights_only=False)
+    # Plain containers and tensors only: damaged bytes fail to decode instead of running code.
+    states = torch.load(file, weights_only=True)
+    if not isinstance(states, dict) or not {"cpu", "tracker", "python"} <= set(states):
+        raise ValueError("not a state file of this engine")
+    return states
 
 
 def _restore_rng(states: dict | None, meta: dict[str, Any], ctx, path: Path) -> None:
