@@ -31,6 +31,7 @@ from PIL import Image
 
 from megatron_ibxl.data.tokenizer import train_tokenizer
 from megatron_ibxl.data.writer import write_shard
+from megatron_ibxl.errors import UserError
 from megatron_ibxl.logging_setup import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -152,6 +153,8 @@ def make_demo_data(out_dir: str | Path) -> dict:
 def run_cli(args) -> int:
     """`megatron-ibxl make-demo-data OUT_DIR`."""
     setup_logging()
+    if not str(args.out_dir).strip():
+        raise UserError("OUT_DIR is empty; name the folder to write the demo data to")
     summary = make_demo_data(args.out_dir)
     logger.info(
         "demo data in %s: %d training pairs in %d shards, %d held out, %d classes, "

@@ -168,6 +168,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> TextTokenizer:
     return result
 
 
+class _Counted:
+    """Iterate over texts, counting those that hold more than white space."""
+
+    def __init__(self, texts: Iterable[str]) -> None:
+        self._texts = texts
+        self.non_empty = 0
+
+    def __iter__(self):
+        for text in self._texts:
+            self.non_empty += bool(text.strip())
+            yield text
+
+
 def run_cli(args) -> int:
     """`megatron-ibxl train-tokenizer --shards PATTERN --vocab-size N --out FILE`."""
     setup_logging()
@@ -181,7 +194,13 @@ def run_cli(args) -> int:
             f"--out {args.out}: is one of the inputs (--shards {args.shards}); write the "
             "tokenizer to a new file such as tokenizer.json"
         )
-    tokenizer = train_tokenizer(iter_captions(shards), args.vocab_size)
+    captions = _Counted(iter_captions(shards))
+    tokenizer = train_tokenizer(captions, args.vocab_size)
+    if captions.non_empty == 0:
+        raise DataError(
+            f"--shards {args.shards}: no caption in {len(shards)} shards (no .txt member with "
+            "text); a tokenizer needs captions to learn from"
+        )
     tokenizer.save(args.out)
     if tokenizer.vocab_size < args.vocab_size:
         logger.warning(

@@ -183,7 +183,6 @@ def _train(
     total = config.schedule.total_steps
     if state.step >= total:  # a checkpoint past total_steps loaded via find_latest's fallback
         logger.info("run already complete at step %d of %d; nothing to train", state.step, total)
-        stop.uninstall()
         parts.loader.close()
         return 0
     writer = MetricsWriter(
@@ -208,8 +207,9 @@ def _train(
     try:
         result = train(trainer, state)
     finally:
+        # The stop handler stays installed through the teardown: a late SIGTERM changes
+        # nothing, and only a second Ctrl-C a moment after the first aborts it.
         writer.close()
-        stop.uninstall()
         parts.loader.close()
     logger.info("%s at step %d (%.1f s of training)", result.reason, state.step, state.train_s)
     return 0

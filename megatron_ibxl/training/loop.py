@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ibxl.config import BatchLayout, RunConfig
+from megatron_ibxl.errors import UserError
 from megatron_ibxl.parallel.setup import ParallelContext
 from megatron_ibxl.training.metrics import MetricsWriter, memory_gib
 from megatron_ibxl.training.signals import StopSignal, Watchdog
@@ -114,7 +115,14 @@ def train(trainer: Trainer, state: TrainState) -> LoopResult:
         )
         if eval_due:
             with trainer.watchdog.phase(f"evaluation after step {state.step}"):
-                step_metrics.update(trainer.evaluate())
+                try:
+                    step_metrics.update(trainer.evaluate())
+                except UserError:
+                    # Unusable evaluation data (the same on every rank): keep the training
+                    # done so far, then report it.
+                    with trainer.watchdog.phase(f"checkpoint of step {state.step}"):
+                        trainer.save(state)
+                    raise
 
         if eval_due or last or stop or state.step % config.logging.log_every == 0:
             _log(trainer, state, step_metrics)

@@ -9,6 +9,7 @@ a shard cut short) is still handled while training, sample by sample.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from megatron_ibxl.config import RunConfig
@@ -22,10 +23,12 @@ def check_inputs(config: RunConfig) -> None:
     as a tar file (its first header reads; what lies further in is checked while training);
     `data.tokenizer` is set, loads, and its ids fit `model.text.vocab_size` (a larger id
     would index past the embedding table); the evaluation's data, classes and templates exist
-    when `eval.task` is not `none`. Reads only small files (the shard list, the tokenizer) and
-    the first block of each shard.
+    when `eval.task` is not `none` and read as the evaluation will; the run folder can be
+    made. Reads only small files (the shard list, the tokenizer, the class list) and the
+    first block of each shard, and lists the evaluation folder.
     """
     problems = _shard_problems(config) + _tokenizer_problems(config) + _eval_problems(config)
+    problems += _run_dir_problems(config)
     if problems:
         raise DataError("\n".join(problems))
 
@@ -39,6 +42,12 @@ def _shard_problems(config: RunConfig) -> list[str]:
         shards = expand_shards(config.data.train_shards)
     except UserError as exc:
         return [str(exc)]
+    folders = [shard for shard in shards if Path(shard).is_dir()]
+    if folders:
+        return [
+            f"data.train_shards={config.data.train_shards}: {folders[0]} is a folder; name "
+            "the .tar shards in it, e.g. with a brace pattern such as DIR/train-{0000..0099}.tar"
+        ]
     missing = [shard for shard in shards if not Path(shard).is_file()]
     if missing:
         return [
@@ -85,4 +94,30 @@ def _eval_problems(config: RunConfig) -> list[str]:
         value = getattr(config.eval, key)
         if value.strip() and not Path(value).exists():
             problems.append(f"eval.{key}={value}: does not exist; fix the path or eval.task=none")
-    return problems
+    if problems or not config.eval.data.strip():
+        return problems
+    # The files exist: read them as the first evaluation will (a folder listing and small
+    # files), so a layout problem does not surface only after training up to that step.
+    from megatron_ibxl.evaluation import load_eval_data
+
+    try:
+        load_eval_data(config.eval)
+    except UserError as exc:
+        return [f"{exc}; or set eval.task=none"]
+    return []
+
+
+def _run_dir_problems(config: RunConfig) -> list[str]:
+    run_dir = Path(config.logging.run_dir)
+    existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return [
+            f"logging.run_dir={config.logging.run_dir}: {existing} is a file, not a folder; "
+            "choose another run folder"
+        ]
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        return [
+            f"logging.run_dir={config.logging.run_dir}: {existing} is not writable; choose "
+            "another run folder"
+        ]
+    return []

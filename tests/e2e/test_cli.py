@@ -273,3 +273,46 @@ def test_plot_skips_lines_that_are_not_utf8(tmp_path):
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "skipped 2 malformed line(s)" in proc.stderr, proc.stderr
     assert errors[0].startswith("megatron-ibxl plot: error: ") and "no metrics lines" in errors[0]
+
+
+def test_check_inputs_reads_the_evaluation_data_and_the_run_folder(tmp_path):
+    # Evaluation data that exists but is in no usable layout, and a run folder under a file:
+    # found before training, not at the first evaluation or the first write.
+    (tmp_path / "heldout" / "not-a-class").mkdir(parents=True)
+    (tmp_path / "a_file").write_text("")
+    args = ["train", "--config", DEMO, "--dry-run", "--world-size", "4", *_demo_inputs()]
+    args += ["--set", f"eval.data={tmp_path / 'heldout'}"]
+    args += ["--set", f"logging.run_dir={tmp_path / 'a_file' / 'run'}", "--check-inputs"]
+    proc = _cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "heldout" in lines[0] and "not-a-class" in lines[0], lines[0]
+    assert lines[0].endswith("or set eval.task=none"), lines[0]
+    assert "logging.run_dir=" in lines[1] and "is a file, not a folder" in lines[1], lines[1]
+
+
+def test_data_commands_refuse_empty_inputs(tmp_path):
+    # A tar with members but no caption cannot teach a tokenizer anything; an empty output
+    # folder name would write the demo data into the current folder.
+    import tarfile
+
+    with tarfile.open(tmp_path / "nocaptions.tar", "w") as tar:
+        info = tarfile.TarInfo("a.jpg")
+        info.size = 0
+        tar.addfile(info)
+    out = tmp_path / "tokenizer.json"
+    proc = _cli("train-tokenizer", "--shards", str(tmp_path / "nocaptions.tar"), "--out", str(out))
+    assert proc.returncode == 2 and "no caption in 1 shards" in proc.stderr, proc.stderr
+    assert not out.exists()
+    proc = _cli("make-demo-data", "")
+    assert proc.returncode == 2 and "OUT_DIR is empty" in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
+def test_a_folder_given_as_a_shard_is_named_as_one(tmp_path):
+    args = ["train", "--config", DEMO, "--dry-run", "--world-size", "4", *_demo_inputs()]
+    proc = _cli(*args, "--set", f"data.train_shards={tmp_path}", "--check-inputs")
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert f"{tmp_path} is a folder" in line, line
