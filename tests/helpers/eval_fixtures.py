@@ -158,10 +158,20 @@ def make_karpathy(root: Path) -> Path:
         ("F", "green", "train", ["green"] * 5),  # another split: not evaluated
         ("G", "blue", "test", []),  # no captions
     ]  # fmt: skip
+    return write_karpathy(root, images)
+
+
+def write_karpathy(root: Path, images: list[tuple[str, str | None, str, list[str]]]) -> Path:
+    """DATA/dataset_coco.json (Karpathy layout) listing `images`, each (key, colour, split,
+    captions), with its file under DATA/val2014/: a solid image of the colour, no file when
+    the colour is None, bytes that do not decode when it is "corrupt"."""
     entries = []
     for number, (key, colour, split, sentences) in enumerate(images):
         name = f"COCO_val2014_{number:012d}.jpg"
-        if colour is not None:
+        if colour == "corrupt":
+            (root / "val2014").mkdir(parents=True, exist_ok=True)
+            (root / "val2014" / name).write_bytes(b"\xff\xd8\xff" + b"x" * 64)
+        elif colour is not None:
             write_image(root / "val2014" / name, colour)
         entries.append(
             {

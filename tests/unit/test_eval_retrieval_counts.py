@@ -18,13 +18,11 @@ images add up: 5 + 3 + 7 + 1 + 7 + 1 + 6 = 30 = 13 evaluated + 2 ignored + 8 of 
 images + 7 of unreadable images.
 """
 
-import json
-
 import pytest
 
 from megatron_ibxl.evaluation import EvalShard, run_evaluation
 from megatron_ibxl.evaluation.formats import load_retrieval_set
-from tests.helpers.eval_fixtures import StandIn, eval_config, write_image
+from tests.helpers.eval_fixtures import StandIn, eval_config, write_karpathy
 
 IMAGES = [
     ("A", "red", "test", ["red"] * 5),
@@ -54,25 +52,7 @@ EXPECTED = {
 
 
 def _make(root):
-    entries = []
-    for number, (key, colour, split, sentences) in enumerate(IMAGES):
-        name = f"COCO_val2014_{number:012d}.jpg"
-        if colour == "corrupt":
-            (root / "val2014").mkdir(parents=True, exist_ok=True)
-            (root / "val2014" / name).write_bytes(b"\xff\xd8\xff" + b"x" * 64)
-        elif colour is not None:
-            write_image(root / "val2014" / name, colour)
-        entries.append(
-            {
-                "filepath": "val2014",
-                "filename": name,
-                "split": split,
-                "sentences": [{"raw": s} for s in sentences],
-                "key": key,
-            }
-        )
-    (root / "dataset_coco.json").write_text(json.dumps({"images": entries}))
-    return root
+    return write_karpathy(root, IMAGES)
 
 
 def test_counts_before_decoding(tmp_path):
